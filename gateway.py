@@ -1,0 +1,1402 @@
+"""edgegate: a small threaded WSGI gateway in front of a local Ollama daemon.
+
+Run it with ``gunicorn -c gunicorn.conf.py gateway:app``. Clients (the OpenAI
+SDK, the ``ollama`` client, curl) change only their base URL. Between client
+and Ollama the gateway adds one shared GPU slot, a ``keep_alive`` default,
+per-request task status (``status.py``) and one error envelope. The contract
+is SPEC.md; this file reads top to bottom in the order a request meets it:
+
+    configuration -> errors -> GPU slots -> upstream transport -> watcher
+    -> request body -> keep_alive load calls -> response relay -> the app
+
+Every request to ``/v1/*`` or ``/api/*`` goes through ``Gateway.proxy``:
+check the key, name the task, refuse what must be refused, read and adjust
+the body, take the GPU slot, forward, and stream the answer back while a
+watcher thread listens for a client that goes away or a DELETE that cancels.
+"""
+
+import collections
+import dataclasses
+import errno
+import fcntl
+import hmac
+import json
+import logging
+import os
+import posixpath
+import queue
+import re
+import selectors
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+
+import requests
+import requests.adapters
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+import status
+from status import FAILED, PENDING, RUNNING, SUCCESS
+
+log = logging.getLogger("edgegate")
+
+# ================================================================ configuration
+
+
+class ConfigError(Exception):
+    """A bad environment variable; the message is the one line printed at start."""
+
+
+def _text(env, name, default="", alias=None):
+    value = env.get(name)
+    if value is None and alias:
+        value = env.get(alias)
+    return default if value is None else value.strip()
+
+
+def _number(env, name, default, kind=int, low=None, high=None, alias=None):
+    raw = _text(env, name, None, alias)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError("%s=%r: expected %s" % (name, raw, "a whole number" if kind is int else "a number"))
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = "at least %s" % low if high is None else "between %s and %s" % (low, high)
+        raise ConfigError("%s=%r: expected a number %s" % (name, raw, span))
+    return value
+
+
+def _flag(env, name):
+    raw = _text(env, name, "0").lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError("%s=%r: expected 0 or 1" % (name, raw))
+
+
+def _base_url(env, name, default, alias=None):
+    raw = _text(env, name, default, alias).rstrip("/")
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("%s=%r: expected an http:// or https:// URL such as %s" % (name, raw, default))
+    if parts.query or parts.fragment:
+        raise ConfigError("%s=%r: expected a base URL without query or fragment" % (name, raw))
+    if parts.path.endswith("/v1") or parts.path.endswith("/api"):
+        raise ConfigError(
+            "%s=%r: expected the server's base URL without /v1 or /api (paths are forwarded as they come)"
+            % (name, raw)
+        )
+    return raw
+
+
+def _api_keys(env):
+    raw = _text(env, "GATEWAY_API_KEYS")
+    if raw.startswith("@"):
+        try:
+            with open(raw[1:], encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise ConfigError("GATEWAY_API_KEYS=%r: cannot read the key file (%s)" % (raw, e.strerror))
+        keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not keys:
+            raise ConfigError("GATEWAY_API_KEYS=%r: the key file holds no key" % raw)
+    else:
+        keys = [k.strip() for k in raw.split(",") if k.strip()]
+    return tuple(k.encode() for k in keys)
+
+
+KEEP_ALIVE_RE = re.compile(r"^-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?$|^(-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+def _keep_alive_default(env):
+    raw = _text(env, "KEEP_ALIVE_DEFAULT", "30s")
+    if raw == "":
+        return ""
+    if not KEEP_ALIVE_RE.match(raw):
+        raise ConfigError("KEEP_ALIVE_DEFAULT=%r: expected an Ollama duration such as 30s, 5m, 1h or -1" % raw)
+    if keep_alive_seconds(raw) == 0:
+        raise ConfigError("KEEP_ALIVE_DEFAULT=%r: 0 would unload the model after every request; "
+                          "leave it empty to send no default" % raw)
+    return raw
+
+
+def _directory(env, name, default):
+    path = os.path.expanduser(_text(env, name, default))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("%s=%r: cannot create the directory (%s)" % (name, path, e.strerror))
+    if not os.access(path, os.W_OK):
+        raise ConfigError("%s=%r: the directory is not writable by this user" % (name, path))
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of the gateway, read once from the environment (SPEC 9)."""
+
+    upstream_base: str
+    connect_timeout_s: float
+    read_timeout_s: float
+    upstream_retries: int
+    redis_url: str
+    redis_host: str
+    redis_port: int
+    redis_user: str
+    redis_password: str
+    redis_db: int
+    status_prefix: str
+    ttl_running: int
+    ttl_done: int
+    heartbeat_sec: float
+    algorithm_id: str
+    state_dir: str
+    gpu_slots: int
+    gpu_lock_dir: str
+    slot_wait_s: float
+    retry_after_s: int
+    keep_alive_default: str
+    default_model: str
+    model_aliases: tuple
+    max_body_bytes: int
+    api_keys: tuple
+    allow_management: bool
+    openai_api_key: str
+    openai_base_url: str
+    client_send_timeout_s: float
+    bind: str
+    workers: int
+    threads: int
+
+    @classmethod
+    def from_environ(cls, env=None):
+        env = os.environ if env is None else env
+        redis_url = _text(env, "REDIS_URL")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("REDIS_URL=%r: expected a redis://, rediss:// or unix:// URL" % redis_url)
+        state_dir = _directory(env, "STATE_DIR", "~/.local/state/edgegate")
+        return cls(
+            upstream_base=_base_url(env, "UPSTREAM_BASE", "http://127.0.0.1:11434", alias="OLLAMA_BASE_URL"),
+            connect_timeout_s=_number(env, "UPSTREAM_CONNECT_TIMEOUT_S", 2.0, float, 0.01),
+            read_timeout_s=_number(env, "UPSTREAM_READ_TIMEOUT_S", 300.0, float, 0.01,
+                                   alias="PROVIDER_TIMEOUT_SECONDS"),
+            upstream_retries=_number(env, "UPSTREAM_RETRIES", 2, int, 0, 10),
+            redis_url=redis_url,
+            redis_host=_text(env, "REDIS_HOST"),
+            redis_port=_number(env, "REDIS_PORT", 6379, int, 1, 65535),
+            redis_user=_text(env, "REDIS_USER"),
+            redis_password=_text(env, "REDIS_PASSWORD"),
+            redis_db=_number(env, "REDIS_DB", 0, int, 0),
+            status_prefix=_text(env, "STATUS_PREFIX", "ts:ollama:"),
+            ttl_running=_number(env, "TTL_RUNNING", 3600, int, 1),
+            ttl_done=_number(env, "TTL_DONE", 86400, int, 1),
+            heartbeat_sec=_number(env, "HEARTBEAT_SEC", 10.0, float, 0.05),
+            algorithm_id=_text(env, "ALGORITHM_ID", "ollama-openai"),
+            state_dir=state_dir,
+            gpu_slots=_number(env, "GPU_SLOTS", 1, int, 1, 64),
+            gpu_lock_dir=_directory(env, "GPU_LOCK_DIR", os.path.join(state_dir, "locks")),
+            slot_wait_s=_number(env, "SLOT_WAIT_S", 0.0, float, 0),
+            retry_after_s=_number(env, "RETRY_AFTER_S", 2, int, 0),
+            keep_alive_default=_keep_alive_default(env),
+            default_model=_text(env, "DEFAULT_MODEL"),
+            model_aliases=tuple(a.strip() for a in _text(env, "MODEL_ALIASES", "ollama,local").split(",") if a.strip()),
+            max_body_bytes=_number(env, "MAX_BODY_BYTES", 64 * 1024 * 1024, int, 1),
+            api_keys=_api_keys(env),
+            allow_management=_flag(env, "ALLOW_MANAGEMENT"),
+            openai_api_key=_text(env, "OPENAI_API_KEY"),
+            openai_base_url=_base_url(env, "OPENAI_BASE_URL", "https://api.openai.com"),
+            client_send_timeout_s=_number(env, "CLIENT_SEND_TIMEOUT_S", 60.0, float, 1),
+            bind=_text(env, "GATEWAY_BIND", "0.0.0.0:11535"),
+            workers=_number(env, "WORKERS", 2, int, 1, 64),
+            threads=_number(env, "THREADS", 32, int, 1, 1024),
+        )
+
+
+# ================================================================ errors
+
+
+class GatewayError(Exception):
+    """Something the gateway refuses or fails at; becomes one envelope (SPEC 6)."""
+
+    def __init__(self, status, code, message, provider="gateway", headers=(), stage="bad_request"):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.provider = provider
+        self.headers = list(headers)
+        self.stage = stage  # the task's stage when this error ends it
+
+
+REASONS = {
+    200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+def status_line(code):
+    return "%d %s" % (code, REASONS.get(code, "Unknown"))
+
+
+def envelope(code, message, provider, task_id, param=None):
+    """The one error body of the gateway: OpenAI's shape plus provider and task_id."""
+    return {"error": {"message": message, "type": code, "code": code, "param": param,
+                      "provider": provider, "task_id": task_id}}
+
+
+def json_response(start_response, code, document, headers=()):
+    body = json.dumps(document).encode()
+    start_response(status_line(code), [("Content-Type", "application/json"),
+                                       ("Content-Length", str(len(body)))] + list(headers))
+    return [body]
+
+
+def error_response(start_response, error, task_id=None):
+    headers = list(error.headers)
+    if task_id:
+        headers.append(("X-Task-Id", task_id))
+    return json_response(start_response, error.status,
+                         envelope(error.code, error.message, error.provider, task_id), headers)
+
+
+# ================================================================ GPU slots
+
+
+class Slot:
+    """One held GPU slot: an open lock file with an exclusive flock on it."""
+
+    def __init__(self, index, fd):
+        self.index = index
+        self.fd = fd
+
+    def release(self):
+        """Blank the holder record, then close: closing drops the lock."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+
+class GpuSlots:
+    """``GPU_SLOTS`` lock files, ``slot-<n>.lock`` in ``GPU_LOCK_DIR``.
+
+    Why flock and not a Redis lock: the kernel drops a flock when its holder
+    dies, even on SIGKILL, so a crashed worker can never wedge the GPU, and
+    any other program on the box (ASR, TTS, ``flock(1)``) can take part
+    without talking to us. The lock belongs to the open file description, so
+    every acquisition opens the file afresh in the thread that holds it; a
+    descriptor shared across fork or threads would exclude nothing.
+    """
+
+    POLL_S = 0.02  # how often a waiter retries while SLOT_WAIT_S runs
+
+    def __init__(self, lock_dir, count):
+        self.paths = [os.path.join(lock_dir, "slot-%d.lock" % n) for n in range(count)]
+
+    def try_take(self, holder):
+        for index, path in enumerate(self.paths):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            return Slot(index, fd)
+        return None
+
+    def take(self, holder, wait_s, stopped):
+        """A slot, waiting up to ``wait_s``; None when none came or ``stopped()``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            slot = self.try_take(holder)
+            if slot or time.monotonic() >= deadline or stopped():
+                return slot
+            time.sleep(self.POLL_S)
+
+    def describe(self):
+        """Each slot, free or held, read without touching the locks.
+
+        The truth is the kernel's table ``/proc/locks`` (taking a lock to look
+        would make a real acquirer fail); the file adds task, path and since.
+        """
+        locked = _flock_holders()
+        slots = []
+        for index, path in enumerate(self.paths):
+            entry = {"slot": index, "lock_file": path, "state": "free"}
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                slots.append(entry)
+                continue
+            pid = locked.get((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+            if pid is None:
+                pid = locked.get((None, None, st.st_ino))
+            if pid is not None:
+                entry.update(state="held", pid=pid)
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        record = json.loads(f.read() or "{}")
+                except (OSError, ValueError):
+                    record = {}
+                # Another program that takes the lock (flock(1)) may write
+                # nothing; the kernel's pid stands then.
+                entry.update({k: record[k] for k in ("pid", "task_id", "path", "since") if k in record})
+            slots.append(entry)
+        return slots
+
+
+def _flock_holders():
+    """{(major, minor, inode): pid} of every FLOCK in the kernel's table."""
+    holders = {}
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return holders
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or "->" in fields:
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            key = (int(major, 16), int(minor, 16), int(inode))
+            holders[key] = int(fields[4])
+            holders[(None, None, key[2])] = int(fields[4])
+        except ValueError:
+            continue
+    return holders
+
+
+# ================================================================ upstream transport
+
+
+class UpstreamCall:
+    """The gateway's hold on one exchange's upstream connections.
+
+    ``requests`` gives no response object to close until the upstream has
+    sent its headers, yet a client can go away while Ollama is still loading
+    the model. So the connection classes below register themselves here when
+    a request goes out on them, and ``abort`` can ``shutdown()`` their
+    sockets from the watcher thread: the blocked read in the request thread
+    then fails at once, and Ollama sees the connection close and stops.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._connections = []
+        self._finished = False
+        self.reason = None  # why it was aborted: "client_gone" or "cancelled"
+
+    def attach(self, connection):
+        with self._lock:
+            if self.reason:
+                raise ConnectionAbortedError("upstream call aborted (%s)" % self.reason)
+            self._connections.append(connection)
+
+    def done(self):
+        """The exchange is over: a late abort must not touch these
+        connections, which are back in the pool for the next request."""
+        with self._lock:
+            self._finished = True
+            self._connections = []
+
+    def abort(self, reason):
+        with self._lock:
+            if self.reason or self._finished:
+                return
+            self.reason = reason
+            connections = list(self._connections)
+        for connection in connections:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+_this_thread = threading.local()  # .call: the UpstreamCall of the exchange this thread serves
+
+
+class _Watched:
+    """Mixin for urllib3 connections: register with the thread's UpstreamCall."""
+
+    def request(self, *args, **kwargs):
+        call = getattr(_this_thread, "call", None)
+        if call is not None:
+            call.attach(self)
+        return super().request(*args, **kwargs)
+
+    def connect(self):
+        super().connect()
+        call = getattr(_this_thread, "call", None)
+        if call is not None and call.reason:  # aborted while we were connecting
+            self.sock.shutdown(socket.SHUT_RDWR)
+            raise ConnectionAbortedError("upstream call aborted (%s)" % call.reason)
+
+
+class WatchedConnection(_Watched, HTTPConnection):
+    pass
+
+
+class WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
+
+
+class WatchedPool(HTTPConnectionPool):
+    ConnectionCls = WatchedConnection
+
+
+class WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = WatchedHTTPSConnection
+
+
+class WatchedAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": WatchedPool, "https": WatchedHTTPSPool}
+
+
+def new_session(retries):
+    """A requests session for one thread (sessions are not documented as
+    thread-safe). ``trust_env`` off: a host's HTTP_PROXY or .netrc must not
+    reroute traffic meant for Ollama. No default headers: the upstream gets
+    the client's headers, not requests'."""
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.clear()
+    retry = urllib3.util.Retry(total=retries, connect=retries, read=0, status=0, other=0, redirect=0,
+                               allowed_methods=None, backoff_factor=0.05, raise_on_status=False)
+    adapter = WatchedAdapter(max_retries=retry, pool_connections=4, pool_maxsize=4)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+# ================================================================ watcher
+
+
+def client_gone(sock):
+    """True when the client closed its side (EOF or error), without reading."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+class Watcher:
+    """One thread per worker process that watches every open exchange.
+
+    How the gateway notices a dead client: gunicorn's gthread worker only
+    learns it when a write fails (``gunicorn/workers/gthread.py``, the loop
+    over the response iterable), and a silent upstream gives it nothing to
+    write. So the client sockets (``environ["gunicorn.socket"]``) sit in an
+    epoll set here; a FIN or RST makes one readable, a peek reads EOF, and the
+    exchange is aborted within milliseconds. The same thread, every tick,
+    writes the batched status updates and heartbeats and asks the store
+    whether a DELETE from another worker cancelled one of our tasks.
+    """
+
+    TICK_S = 0.25
+
+    def __init__(self, board, heartbeat_sec):
+        self.board = board
+        self.heartbeat_sec = heartbeat_sec
+        self.selector = selectors.DefaultSelector()
+        self.exchanges = {}  # task_id -> Exchange
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="edgegate-watcher", daemon=True)
+        self.thread.start()
+
+    def watch(self, exchange):
+        with self.lock:
+            self.exchanges[exchange.task.task_id] = exchange
+            if exchange.client_socket is not None:
+                try:
+                    self.selector.register(exchange.client_socket, selectors.EVENT_READ, exchange)
+                except (ValueError, KeyError, OSError):
+                    pass
+
+    def unwatch(self, exchange):
+        with self.lock:
+            if self.exchanges.get(exchange.task.task_id) is exchange:
+                del self.exchanges[exchange.task.task_id]
+            self._unregister(exchange)
+
+    def _unregister(self, exchange):
+        try:
+            self.selector.unregister(exchange.client_socket)
+        except (ValueError, KeyError, OSError, TypeError):
+            pass
+
+    def local(self, task_id):
+        with self.lock:
+            return self.exchanges.get(task_id)
+
+    def _run(self):
+        next_tick = time.monotonic()
+        while True:
+            try:
+                for key, _ in self.selector.select(timeout=0.1):
+                    exchange = key.data
+                    if client_gone(exchange.client_socket):
+                        exchange.abort("client_gone")
+                    with self.lock:  # gone, or the client pipelined bytes: stop watching it
+                        self._unregister(exchange)
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.TICK_S
+                    self._tick()
+            except Exception:  # the watcher must outlive any one failure
+                log.exception("watcher tick failed")
+                time.sleep(self.TICK_S)
+
+    def _tick(self):
+        with self.lock:
+            exchanges = list(self.exchanges.values())
+        if not exchanges:
+            return
+        status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
+        cancelled = self.board.call("cancels_among", [e.task.task_id for e in exchanges], default=set())
+        for exchange in exchanges:
+            if exchange.task.task_id in cancelled:
+                exchange.abort("cancelled")
+
+
+# ================================================================ request body
+
+INFERENCE_PATHS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+})
+MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
+EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
+
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+# RFC 9110 section 7.6.1, plus Host: never forwarded in either direction.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization", "host",
+})
+
+
+def is_management(path):
+    return path in MANAGEMENT_PATHS or path.startswith("/api/blobs/")
+
+
+def read_body(environ, limit):
+    """The request body, refused with 413 before reading when too large."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise GatewayError(400, "invalid_request", "Content-Length is not a number")
+        if declared > limit:
+            raise GatewayError(413, "body_too_large",
+                               "request body of %d bytes is over MAX_BODY_BYTES (%d)" % (declared, limit))
+        return environ["wsgi.input"].read(declared) if declared else b""
+    # No length: a chunked request body (gunicorn decodes it). Read one byte
+    # past the limit to know whether it is over, never more.
+    body = environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d)" % limit)
+    return body
+
+
+def parse_json_object(raw):
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise GatewayError(400, "invalid_json", "request body is not valid JSON: %s" % str(e)[:200])
+    if not isinstance(document, dict):
+        raise GatewayError(400, "invalid_json", "request body must be a JSON object, not %s"
+                           % type(document).__name__)
+    return document
+
+
+def adjust_body(path, document, config):
+    """The two changes the gateway makes to an inference body (SPEC 5):
+    the default model, and ``keep_alive`` on Ollama's native API. Returns
+    True when the document changed (else the original bytes go upstream)."""
+    changed = False
+    if config.default_model and (document.get("model") in config.model_aliases or "model" not in document):
+        document["model"] = config.default_model
+        changed = True
+    if path.startswith("/api/") and config.keep_alive_default and "keep_alive" not in document:
+        document["keep_alive"] = config.keep_alive_default
+        changed = True
+    return changed
+
+
+def forwarded_headers(environ, strip_keys):
+    """The client's end-to-end headers, as they came, for the upstream."""
+    connection_named = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
+    headers = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").lower()
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            name = key.replace("_", "-").lower()
+        else:
+            continue
+        if name in HOP_BY_HOP or name in connection_named or name == "content-length":
+            continue
+        if strip_keys and name in ("authorization", "x-api-key"):
+            continue
+        headers[name.title()] = value
+    if "User-Agent" not in headers:  # else urllib3 would add its own
+        headers["User-Agent"] = urllib3.util.SKIP_HEADER
+    return headers
+
+
+def upstream_target(environ, path):
+    """Path and query for the upstream: as received, never rewritten."""
+    raw = environ.get("RAW_URI") or ""
+    raw_path, _, raw_query = raw.partition("?")
+    if not raw_path.startswith("/") or urllib.parse.unquote(raw_path) != path:
+        raw_path = urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")
+        raw_query = environ.get("QUERY_STRING", "")
+    return raw_path + ("?" + raw_query if raw_query else "")
+
+
+# ================================================================ keep_alive load calls
+
+DURATION_PART_RE = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value):
+    """Seconds of an Ollama keep_alive (a number of seconds or a Go duration);
+    negative means forever (returns inf); None when it cannot be read."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = DURATION_PART_RE.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                return None
+            seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    else:
+        return None
+    return float("inf") if seconds < 0 else seconds
+
+
+class ModelLifetimes:
+    """Gives a model its ``keep_alive`` before a ``/v1`` request.
+
+    Ollama's OpenAI-compatible layer has no keep_alive field: it builds the
+    native request without one (``openai/openai.go``). The scheduler only
+    replaces a loaded model's lifetime when a request carries one: in
+    ``server/sched.go``, ``useLoadedRunner`` does ``if pending.sessionDuration
+    != nil { runner.sessionDuration = ... }``. So a native load call (model and
+    keep_alive, no prompt) sets a lifetime that the following ``/v1`` request
+    keeps. (If Ollama must reload the model for that request, for another
+    num_ctx say, ``load`` falls back to OLLAMA_KEEP_ALIVE.)
+
+    The call costs one upstream round trip, so it is skipped when this worker
+    gave the same model the same lifetime and used it within half of that
+    lifetime. An upstream that answers 404 to it does not speak Ollama's
+    native API (vLLM, llama.cpp's server): it is noted once and no more load
+    calls are sent.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last = {}  # model -> (keep_alive value, seconds, monotonic time of last use)
+        self.native_api_missing = False
+
+    def needed(self, model, keep_alive):
+        if self.native_api_missing or not isinstance(model, str) or not model:
+            return False
+        seconds = keep_alive_seconds(keep_alive)
+        if seconds == 0:
+            # The client asked for unloading after its request; a load call
+            # sent before it cannot do that, and would only unload it early.
+            return False
+        with self._lock:
+            last = self._last.get(model)
+        if last is None or last[0] != keep_alive or seconds is None:
+            return True
+        return time.monotonic() - last[2] > seconds / 2
+
+    def used(self, model, keep_alive):
+        if isinstance(model, str):
+            with self._lock:
+                self._last[model] = (keep_alive, keep_alive_seconds(keep_alive), time.monotonic())
+
+
+# ================================================================ response relay
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+USAGE_RE = {
+    "prompt_tokens": re.compile(rb'"(?:prompt_tokens|prompt_eval_count)"\s*:\s*(\d+)'),
+    "completion_tokens": re.compile(rb'"(?:completion_tokens|eval_count|output_tokens)"\s*:\s*(\d+)'),
+}
+TAIL_BYTES = 8192
+CHUNK_BYTES = 65536
+_END = object()
+
+
+def token_counts(tail):
+    """Token counts from the last bytes of a response: OpenAI ``usage`` (in the
+    JSON body or the last SSE chunk) or Ollama's ``prompt_eval_count`` and
+    ``eval_count`` (in the JSON body or the last NDJSON line). Only the tail
+    is kept as the response passes, so a stream is never buffered."""
+    counts = {}
+    for name, pattern in USAGE_RE.items():
+        found = pattern.findall(tail)
+        if found:
+            counts[name] = int(found[-1])
+    return counts
+
+
+class _Broken:
+    """What the upstream reader hands over when the upstream failed."""
+
+    def __init__(self, error):
+        self.error = error
+
+
+def with_keepalive_comments(chunks, interval, stop):
+    """Yield ``chunks``, and an SSE comment whenever the upstream is silent
+    for ``interval`` seconds, so that idle timeouts of load balancers don't
+    cut a long generation. The upstream is read by a helper thread through a
+    small bounded queue: a client that reads slowly slows the upstream down
+    instead of growing a buffer here."""
+    handoff = queue.Queue(maxsize=16)
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read_upstream():
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+            put(_END)
+        except Exception as error:
+            put(_Broken(error))
+
+    threading.Thread(target=read_upstream, name="edgegate-sse-reader", daemon=True).start()
+    while True:
+        try:
+            item = handoff.get(timeout=interval)
+        except queue.Empty:
+            yield SSE_KEEPALIVE
+            continue
+        if item is _END:
+            return
+        if isinstance(item, _Broken):
+            raise item.error
+        yield item
+
+
+class Relay:
+    """The WSGI response body of a proxied request (PEP 3333 iterable).
+
+    It yields the upstream's bytes as they arrive (``read1`` with
+    ``decode_content=False``: chunk by chunk, no buffering, gzip left as it
+    came so ``Content-Length`` stays true). The task is finished, and the
+    slot released, before the client can see the end of the response: for
+    chunked bodies before the generator returns (gunicorn writes the last
+    chunk after), for sized bodies before the last bytes are yielded.
+    ``close()`` -- which gunicorn calls also when the client went away
+    (PEP 3333) -- finishes whatever is still open.
+    """
+
+    def __init__(self, exchange, upstream, stream_format):
+        self.exchange = exchange
+        self.upstream = upstream
+        self.stream_format = stream_format  # "sse", "ndjson" or None
+        self.length = _content_length(upstream)
+        self.stop = threading.Event()
+        self._body = self._relay()
+
+    def __iter__(self):
+        return self._body
+
+    def close(self):
+        self.stop.set()
+        try:
+            self._body.close()
+        finally:
+            self.exchange.close()
+
+    def _upstream_chunks(self):
+        raw = self.upstream.raw
+        while True:
+            chunk = raw.read1(CHUNK_BYTES, decode_content=False)
+            if not chunk:
+                return
+            yield chunk
+
+    def _relay(self):
+        exchange = self.exchange
+        chunks = self._upstream_chunks()
+        if self.stream_format == "sse":
+            chunks = with_keepalive_comments(chunks, exchange.config.heartbeat_sec, self.stop)
+        sent, tail = 0, b""
+        try:
+            for chunk in chunks:
+                if chunk is SSE_KEEPALIVE:
+                    yield chunk
+                    continue
+                if exchange.first_byte_at is None:
+                    exchange.first_byte_arrived()
+                sent += len(chunk)
+                tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (tail + chunk)[-TAIL_BYTES:]
+                if self.length is not None and sent >= self.length:
+                    exchange.succeed(token_counts(tail))
+                yield chunk
+            if self.length is not None and sent < self.length:
+                raise requests.exceptions.ChunkedEncodingError("upstream closed after %d of %d bytes"
+                                                               % (sent, self.length))
+            exchange.succeed(token_counts(tail))
+        except Exception as error:  # the upstream failed (or was cut) mid-response
+            failure = exchange.upstream_failure(error)
+            event = self._error_event(failure)
+            if event and exchange.call.reason != "client_gone":
+                yield event
+
+    def _error_event(self, failure):
+        """The last event of a broken stream, in the stream's own format."""
+        task_id = self.exchange.task.task_id
+        if self.stream_format == "sse":
+            return b"data: " + json.dumps(envelope(failure.code, failure.message, failure.provider,
+                                                   task_id)).encode() + b"\n\n"
+        if self.stream_format == "ndjson":
+            return json.dumps({"error": failure.message}).encode() + b"\n"
+        return None
+
+
+def _content_length(response):
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def stream_format(response):
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if content_type == "text/event-stream":
+        return "sse"
+    if content_type in ("application/x-ndjson", "application/ndjson"):
+        return "ndjson"
+    return None
+
+
+# ================================================================ one exchange
+
+
+class Exchange:
+    """One proxied request and everything it holds: its task, its GPU slot,
+    its upstream call and response, and its place in the watcher. ``close()``
+    is the one path that releases them all, and it is safe to call twice."""
+
+    def __init__(self, gateway, environ, task, provider):
+        self.gateway = gateway
+        self.config = gateway.config
+        self.task = task
+        self.provider = provider
+        self.client_socket = environ.get("gunicorn.socket")
+        self.call = UpstreamCall()
+        self.slot = None
+        self.upstream = None
+        self.started = time.monotonic()
+        self.first_byte_at = None
+        self.closed = False
+        self._close_lock = threading.Lock()
+
+    # -- the steps, in the order the gateway takes them
+
+    def take_slot(self, path):
+        holder = {"pid": os.getpid(), "task_id": self.task.task_id, "path": path, "since": round(time.time(), 3)}
+        slots = self.gateway.slots
+        self.slot = slots.try_take(holder)
+        if self.slot is None and self.config.slot_wait_s > 0:
+            self.slot = slots.take(holder, self.config.slot_wait_s, lambda: self.call.reason is not None)
+        if self.call.reason:
+            raise self.abort_error()
+        if self.slot is None:
+            raise GatewayError(503, "gpu_busy", self.gateway.busy_message(), headers=self.gateway.retry_after,
+                               stage="gpu_busy")
+        self.task.set(RUNNING, "forwarding", "forwarded to the upstream")
+
+    def first_byte_arrived(self):
+        self.first_byte_at = time.monotonic()
+        ttft_ms = round((self.first_byte_at - self.started) * 1000, 1)
+        self.task.set(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=ttft_ms)
+
+    def succeed(self, counts):
+        """The upstream's answer is complete: release, then record it."""
+        upstream_status = self.upstream.status_code if self.upstream is not None else None
+        ok = upstream_status is not None and upstream_status < 400
+        self.release()
+        self.task.finish(
+            SUCCESS if ok else FAILED,
+            "completed" if ok else "upstream_error",
+            "completed" if ok else "the upstream answered %s" % upstream_status,
+            duration_ms=self.elapsed_ms(), **counts,
+        )
+
+    def upstream_failure(self, error):
+        """Name a failure of the upstream call, finish the task with it, and
+        return the GatewayError that says it to the client."""
+        failure = self.abort_error() if self.call.reason else upstream_error(error, self.provider, self.gateway.retry_after)
+        self.release()
+        self.task.finish(FAILED, failure.stage, failure.message, duration_ms=self.elapsed_ms())
+        return failure
+
+    def abort_error(self):
+        if self.call.reason == "cancelled":
+            return GatewayError(503, "cancelled", "task %s was cancelled by DELETE /tasks/%s"
+                                % (self.task.task_id, self.task.task_id), stage="cancelled")
+        return GatewayError(503, "cancelled", "the client went away", stage="cancelled")
+
+    def abort(self, reason):
+        """From the watcher: the client left, or a DELETE cancelled the task."""
+        self.call.abort(reason)
+
+    def elapsed_ms(self):
+        return round((time.monotonic() - self.started) * 1000, 1)
+
+    # -- the one clean-up path
+
+    def release(self):
+        """Close the upstream response and free the GPU slot. A response read
+        to its end has already gone back to the connection pool; a half-read
+        one is dropped, which tells Ollama to stop generating."""
+        self.call.done()
+        if self.upstream is not None:
+            self.upstream.close()
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.release()
+
+    def close(self, error=None):
+        """Release everything; a task not yet finished ends here as FAILED
+        (with ``error``'s stage, or ``cancelled`` when the client went away)."""
+        with self._close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        try:
+            if self.upstream is not None and not self.task.finished:
+                # Still streaming: the client left. Cut the upstream so Ollama
+                # stops generating (closing a half-read response drops the
+                # connection instead of returning it to the pool).
+                self.call.abort(self.call.reason or "client_gone")
+            self.release()
+            if error is not None:
+                self.task.finish(FAILED, error.stage, error.message, duration_ms=self.elapsed_ms())
+            else:
+                self.task.finish(FAILED, "cancelled", "the client went away", duration_ms=self.elapsed_ms())
+        finally:
+            _this_thread.call = None
+            self.gateway.watcher.unwatch(self)
+
+
+def upstream_error(error, provider, retry_after=()):
+    """Map a requests exception to the one error a client can act on."""
+    if isinstance(error, requests.exceptions.ConnectTimeout) or (
+        isinstance(error, requests.exceptions.ConnectionError)
+        and _caused_by(error, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError))
+    ):
+        return GatewayError(503, "upstream_unreachable", "the upstream (%s) cannot be reached: %s"
+                            % (provider, _short(error)), provider=provider, stage="upstream_unreachable",
+                            headers=retry_after)
+    if isinstance(error, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+        return GatewayError(504, "upstream_timeout", "the upstream (%s) did not answer in time" % provider,
+                            provider=provider, stage="timeout")
+    return GatewayError(502, "upstream_error", "the upstream (%s) failed: %s" % (provider, _short(error)),
+                        provider=provider, stage="upstream_error")
+
+
+def _caused_by(error, kinds):
+    """Whether ``kinds`` is anywhere in the chain requests and urllib3 wrap
+    around a failure (arguments, ``reason``, ``__cause__``, ``__context__``)."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        if isinstance(error, kinds):
+            return True
+        seen.add(id(error))
+        pending.extend(error.args[:1])
+        pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__])
+    return False
+
+
+def _short(error):
+    text = str(error)
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+# ================================================================ the app
+
+
+class Gateway:
+    """The WSGI application.
+
+        from gateway import Gateway, Config
+        app = Gateway(Config.from_environ())
+
+    Nothing starts at construction: threads, sessions and the store come up
+    on the first request in each worker process, after gunicorn's fork.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.slots = GpuSlots(config.gpu_lock_dir, config.gpu_slots)
+        self.retry_after = [("Retry-After", str(config.retry_after_s))]
+        self.lifetimes = ModelLifetimes()
+        self._pid = None
+        self._start_lock = threading.Lock()
+        self._sessions = threading.local()
+
+    # -- per-process start
+
+    def _start(self):
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self.board = status.TaskBoard(status.open_store(self.config))
+            self.watcher = Watcher(self.board, self.config.heartbeat_sec)
+            self.lifetimes = ModelLifetimes()
+            self._pid = os.getpid()
+
+    def session(self):
+        session = getattr(self._sessions, "session", None)
+        if session is None or self._sessions.pid != os.getpid():
+            session = self._sessions.session = new_session(self.config.upstream_retries)
+            self._sessions.pid = os.getpid()
+        return session
+
+    # -- routing
+
+    def __call__(self, environ, start_response):
+        if self._pid != os.getpid():
+            self._start()
+        path = environ.get("PATH_INFO") or "/"
+        method = environ.get("REQUEST_METHOD", "GET")
+        try:
+            if path == "/healthz":
+                return json_response(start_response, 200, {"status": "ok"})
+            self.check_api_key(environ)
+            if path.startswith(("/v1/", "/api/")):
+                return self.proxy(environ, start_response, path, method)
+            if path == "/readyz":
+                return self.readyz(start_response)
+            if path == "/slots" and method == "GET":
+                return json_response(start_response, 200, {"slots": self.slots.describe()})
+            if path == "/tasks/status" and method == "GET":
+                return self.list_tasks(environ, start_response)
+            if path.startswith("/tasks/status/") and method == "GET":
+                return self.task_status(start_response, path[len("/tasks/status/"):])
+            if path.startswith("/tasks/") and method == "DELETE":
+                return self.cancel_task(start_response, path[len("/tasks/"):])
+            raise GatewayError(404, "not_found", "no route for %s %s" % (method, _printable(path)))
+        except GatewayError as error:
+            return error_response(start_response, error)
+        except status.StoreUnavailable as error:
+            return error_response(start_response, GatewayError(503, "store_unavailable", str(error),
+                                                               provider=error.provider))
+
+    def check_api_key(self, environ):
+        """GATEWAY_API_KEYS (SPEC 7): Bearer or X-API-Key, in constant time."""
+        if not self.config.api_keys:
+            return
+        offered = environ.get("HTTP_X_API_KEY", "")
+        authorization = environ.get("HTTP_AUTHORIZATION", "")
+        if authorization[:7].lower() == "bearer ":
+            offered = authorization[7:].strip()
+        offered = offered.encode("utf-8", "replace")
+        match = False
+        for key in self.config.api_keys:  # no early exit: same time whichever key matches
+            match |= hmac.compare_digest(offered, key)
+        if not match:
+            raise GatewayError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
+                               headers=[("WWW-Authenticate", "Bearer")])
+
+    # -- the proxied request, step by step
+
+    def proxy(self, environ, start_response, path, method):
+        task_id = self.task_id_of(environ)
+        if path.rstrip("/") != posixpath.normpath(path):
+            raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
+        provider = "ollama"
+        task = status.Task(self.board, task_id, self.config.algorithm_id, method, path)
+        if not task.claim():
+            raise GatewayError(409, "task_id_in_use", "task %s is still pending or running" % task_id)
+        exchange = Exchange(self, environ, task, provider)
+        self.watcher.watch(exchange)
+        _this_thread.call = exchange.call
+        try:
+            inference = method == "POST" and path in INFERENCE_PATHS
+            self.refuse_management(path)
+            raw = read_body(environ, self.config.max_body_bytes)
+            body, document = self.prepare_body(path, raw, inference, task)
+            if inference:
+                exchange.take_slot(path)
+                self.give_model_its_lifetime(path, document, environ)
+            else:
+                task.set(RUNNING, "forwarding", "forwarded to the upstream")
+            exchange.upstream = self.forward(environ, path, method, body, exchange)
+            return self.respond(start_response, exchange, path)
+        except GatewayError as error:
+            exchange.close(error)
+            return error_response(start_response, error, task_id)
+        except BaseException:
+            exchange.close(GatewayError(500, "internal_error", "the gateway failed", stage="upstream_error"))
+            raise
+
+    def task_id_of(self, environ):
+        given = environ.get("HTTP_X_TASK_ID")
+        if given is None:
+            return str(uuid.uuid4())
+        if not TASK_ID_RE.match(given) or given in status.RESERVED_TASK_IDS:
+            raise GatewayError(400, "invalid_task_id",
+                               "X-Task-Id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ "
+                               "and not be 'index' or 'cancels'")
+        return given
+
+    def refuse_management(self, path):
+        if is_management(path) and not self.config.allow_management:
+            raise GatewayError(403, "management_disabled",
+                               "%s is disabled on this gateway (set ALLOW_MANAGEMENT=1 to allow it)" % path)
+
+    def prepare_body(self, path, raw, inference, task):
+        """Parse and adjust an inference body; everything else passes as is."""
+        if not inference:
+            return raw, None
+        document = parse_json_object(raw)
+        changed = adjust_body(path, document, self.config)
+        stream = document.get("stream", path.startswith("/api/") and path not in EMBEDDING_PATHS)
+        task.extensions.update(model=document.get("model"), stream=bool(stream))
+        return (json.dumps(document).encode() if changed else raw), document
+
+    def give_model_its_lifetime(self, path, document, environ):
+        """The /v1 keep_alive load call (see ModelLifetimes)."""
+        if not path.startswith("/v1/"):
+            return
+        keep_alive = document.get("keep_alive", self.config.keep_alive_default)
+        model = document.get("model")
+        if keep_alive in ("", None) or not self.lifetimes.needed(model, keep_alive):
+            return
+        load_path = "/api/embed" if path in EMBEDDING_PATHS else "/api/generate"
+        headers = forwarded_headers(environ, bool(self.config.api_keys))
+        headers["Content-Type"] = "application/json"
+        try:
+            answer = self.session().post(
+                self.config.upstream_base + load_path, json={"model": model, "keep_alive": keep_alive},
+                headers=headers, timeout=(self.config.connect_timeout_s, self.config.read_timeout_s),
+                allow_redirects=False,
+            )
+        except requests.RequestException:
+            return  # the request itself will meet the same problem and report it
+        if answer.status_code == 404 and not _ollama_error(answer):
+            # Ollama's own 404 (unknown model) is {"error": "..."}; anything
+            # else means the route itself is missing.
+            self.lifetimes.native_api_missing = True
+            log.warning("the upstream answered 404 to %s: it does not speak Ollama's native API; "
+                        "no more keep_alive load calls are sent", load_path)
+        elif answer.status_code < 400:
+            self.lifetimes.used(model, keep_alive)
+
+    def forward(self, environ, path, method, body, exchange):
+        """Send the request upstream; the response comes back unread (stream=True)."""
+        try:
+            return self.session().request(
+                method, self.config.upstream_base + upstream_target(environ, path),
+                data=body or None, headers=forwarded_headers(environ, bool(self.config.api_keys)),
+                stream=True, allow_redirects=False,
+                timeout=(self.config.connect_timeout_s, self.config.read_timeout_s),
+            )
+        except requests.RequestException as error:
+            raise exchange.abort_error() if exchange.call.reason else upstream_error(error, exchange.provider, self.retry_after)
+
+    def respond(self, start_response, exchange, path):
+        upstream = exchange.upstream
+        exchange.task.extensions["upstream_status"] = upstream.status_code
+        if upstream.status_code >= 400 and path.startswith("/v1/"):
+            return self.enveloped_upstream_error(start_response, exchange)
+        headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
+        headers.append(("X-Task-Id", exchange.task.task_id))
+        relay = Relay(exchange, upstream, stream_format(upstream))
+        sock = exchange.client_socket
+        if sock is not None:
+            # Slow readers: gunicorn's socket has no send timeout, so a client
+            # that stays connected but never reads would hold this thread.
+            sock.settimeout(self.config.client_send_timeout_s)
+        start_response("%d %s" % (upstream.status_code, upstream.reason or REASONS.get(upstream.status_code, "")),
+                       headers)
+        return relay
+
+    def enveloped_upstream_error(self, start_response, exchange):
+        """An upstream error on /v1: its status and message, in our envelope."""
+        upstream = exchange.upstream
+        try:
+            raw = upstream.raw.read(1024 * 1024, decode_content=True)
+        except Exception as error:
+            failure = exchange.upstream_failure(error)
+            exchange.close()
+            return error_response(start_response, failure, exchange.task.task_id)
+        message = _ollama_message(raw) or "the upstream answered %d" % upstream.status_code
+        error = GatewayError(upstream.status_code, _upstream_code(upstream.status_code), message,
+                             provider=exchange.provider, stage="upstream_error")
+        exchange.release()
+        exchange.task.finish(FAILED, "upstream_error", message, duration_ms=exchange.elapsed_ms())
+        exchange.close()
+        return error_response(start_response, error, exchange.task.task_id)
+
+    def busy_message(self):
+        held = [s for s in self.slots.describe() if s["state"] == "held"]
+        if not held:
+            return "GPU slot busy"
+        first = held[0]
+        since = first.get("since")
+        age = " for %.1f s" % (time.time() - since) if isinstance(since, (int, float)) else ""
+        who = "task %s" % first["task_id"] if first.get("task_id") else "pid %s" % first.get("pid")
+        return "GPU slot busy (held by %s%s)" % (who, age)
+
+    # -- the gateway's own routes
+
+    def readyz(self, start_response):
+        problems = []
+        try:
+            answer = self.session().get(self.config.upstream_base + "/api/version", timeout=(1.0, 1.0))
+            answer.close()
+            if answer.status_code >= 500:
+                problems.append(("upstream", "the upstream answered %d to /api/version" % answer.status_code))
+        except requests.RequestException as error:
+            problems.append(("upstream", "the upstream does not answer: %s" % _short(error)))
+        try:
+            self.board.query("ping")
+        except status.StoreUnavailable as error:
+            problems.append((error.provider, str(error)))
+        if problems:
+            names = ", ".join(p[0] for p in problems)
+            message = "not ready: " + "; ".join(p[1] for p in problems)
+            provider = problems[0][0] if problems[0][0] != "upstream" else "ollama"
+            code = "upstream_unreachable" if problems[0][0] == "upstream" else "store_unavailable"
+            return json_response(start_response, 503, envelope(code, message, provider, None),
+                                 [("X-Not-Ready", names)])
+        return json_response(start_response, 200, {"status": "ready", "store": self.board.provider})
+
+    def task_status(self, start_response, task_id):
+        if not TASK_ID_RE.match(task_id):
+            raise GatewayError(404, "not_found", "no task with that id")
+        document = self.board.query("get", task_id)
+        if document is None:
+            raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % task_id)
+        return json_response(start_response, 200, document)
+
+    def list_tasks(self, environ, start_response):
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+        limit_text = query.get("limit", ["50"])[-1]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+            raise GatewayError(400, "invalid_request", "limit must be a whole number from 1 to 1000")
+        state = query.get("state", [None])[-1]
+        if state is not None and state not in status.STATES:
+            raise GatewayError(400, "invalid_request", "state must be one of %s" % ", ".join(status.STATES))
+        items = self.board.query("recent", int(limit_text), state)
+        return json_response(start_response, 200, {"items": items, "count": len(items)})
+
+    def cancel_task(self, start_response, task_id):
+        """DELETE /tasks/<id>: cancel it wherever it runs, and wait (briefly)
+        to answer with its final document."""
+        if not TASK_ID_RE.match(task_id):
+            raise GatewayError(404, "not_found", "no task with that id")
+        document = self.board.query("get", task_id)
+        if document is None:
+            raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % task_id)
+        if document["state"] not in status.LIVE_STATES:
+            raise GatewayError(409, "task_finished", "task %s has already finished (%s)"
+                               % (task_id, document["state"]))
+        local = self.watcher.local(task_id)
+        if local is not None:
+            local.abort("cancelled")
+        else:
+            self.board.query("request_cancel", task_id)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            document = self.board.query("get", task_id) or document
+            if document["state"] not in status.LIVE_STATES:
+                return json_response(start_response, 200, document)
+        return json_response(start_response, 202, document)
+
+
+def _ollama_error(response):
+    try:
+        return isinstance(response.json().get("error"), str)
+    except ValueError:
+        return False
+
+
+def _ollama_message(raw):
+    """The message of an Ollama error body: ``{"error": "..."}`` on /api,
+    ``{"error": {"message": "..."}}`` from its OpenAI layer."""
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        return raw.decode("utf-8", "replace")[:500] if raw else None
+    if isinstance(error, dict):
+        return error.get("message")
+    return error if isinstance(error, str) else None
+
+
+def _upstream_code(status_code):
+    return {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            429: "rate_limited"}.get(status_code, "upstream_error")
+
+
+def _printable(text):
+    return text.encode("ascii", "backslashreplace").decode()[:200]
+
+
+# ================================================================ entry points
+
+
+def load_config():
+    """The configuration, or one line on stderr and exit 2."""
+    try:
+        return Config.from_environ()
+    except ConfigError as error:
+        print("edgegate: configuration error: %s" % error, file=sys.stderr)
+        raise SystemExit(2)
+
+
+app = Gateway(load_config())

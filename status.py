@@ -1,0 +1,518 @@
+"""Task status: where every request through edgegate stands, kept in Redis or
+in an embedded SQLite file.
+
+A task is one proxied request. Its document (SPEC section 3) goes through
+
+    PENDING (waiting for the GPU slot)
+      -> RUNNING (stage "forwarding", then "streaming"; refreshed as a heartbeat)
+      -> SUCCESS | FAILED (stage says why)
+
+Two stores keep the documents with the same contract:
+
+* ``RedisStore``  -- key ``<prefix><task_id>`` (a JSON string) with a TTL, and a
+  sorted set ``<prefix>index`` (score = creation time) for listing, so that
+  listing never scans the keyspace.
+* ``SqliteStore`` -- one table in ``STATE_DIR/tasks.sqlite3``, shared by every
+  worker process through SQLite's own file locking, expiring on the same TTLs.
+
+``TaskBoard`` sits between the gateway and a store. It never lets the store
+hold up inference: every call has a short timeout, a failure is logged once
+and starts a cool-down during which the store is not asked at all, and status
+queries get ``StoreUnavailable`` (503 ``store_unavailable``) meanwhile.
+
+A worker that dies (SIGKILL after ``graceful_timeout``) cannot write its task's
+last state. Such a task stops being refreshed, and once its heartbeat is older
+than ``stale_after`` seconds every reader sees it as FAILED, stage ``timeout``;
+its id can then be used again. The TTL removes it in the end.
+"""
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+
+import redis
+
+PENDING, RUNNING, SUCCESS, FAILED = "PENDING", "RUNNING", "SUCCESS", "FAILED"
+LIVE_STATES = (PENDING, RUNNING)
+STATES = (PENDING, RUNNING, SUCCESS, FAILED)
+
+# Task ids that would collide with the store's own keys (``<prefix>index``,
+# ``<prefix>cancels``); the gateway refuses them as task ids.
+RESERVED_TASK_IDS = frozenset({"index", "cancels"})
+
+# How many tasks the list index remembers at most; older entries are trimmed.
+INDEX_MAX = 10000
+
+# How long the store is left alone after a failure before it is tried again.
+STORE_COOLDOWN_S = 5.0
+
+# Redis and SQLite calls must answer within this, or the store counts as down.
+STORE_TIMEOUT_S = 0.25
+
+log = logging.getLogger("edgegate.status")
+
+
+class StoreUnavailable(Exception):
+    """The task store did not answer; ``provider`` is "redis" or "sqlite"."""
+
+    def __init__(self, provider, detail):
+        super().__init__(detail)
+        self.provider = provider
+
+
+def seen_now(document, stale_after, now=None):
+    """The document as a reader should see it: a live task whose heartbeat is
+    older than ``stale_after`` lost its worker and is reported FAILED."""
+    if document is None or document.get("state") not in LIVE_STATES:
+        return document
+    now = time.time() if now is None else now
+    if now - document.get("timestamp", now) <= stale_after:
+        return document
+    document = dict(document)
+    document.update(
+        state=FAILED,
+        stage="timeout",
+        message="no heartbeat for %.0f s: the worker serving this task is gone" % (now - document["timestamp"]),
+    )
+    return document
+
+
+def _pick_recent(pages, limit, state, stale_after):
+    """Newest-first documents from ``pages`` (an iterator of lists of
+    documents, newest first), filtered by ``state``, at most ``limit``."""
+    items = []
+    now = time.time()
+    for page in pages:
+        for document in page:
+            document = seen_now(document, stale_after, now)
+            if state is None or document["state"] == state:
+                items.append(document)
+                if len(items) >= limit:
+                    return items
+    return items
+
+
+# ---------------------------------------------------------------- Redis store
+
+
+class RedisStore:
+    """Task documents in Redis (SPEC section 3).
+
+    One request costs two round trips on its own thread: the claim (a Lua
+    script: refuse a live id, else write the document and index it) and the
+    final document. Intermediate states and heartbeats of all the tasks of a
+    worker are written together, in one pipeline, by the worker's watcher.
+    """
+
+    provider = "redis"
+
+    # KEYS: document key, index key, cancels key. ARGV: document, ttl, score, task id, stale-before.
+    CLAIM_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and (doc.state == 'PENDING' or doc.state == 'RUNNING')
+     and tonumber(doc.timestamp) > tonumber(ARGV[5]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(%d + 1))
+return 1
+""" % INDEX_MAX
+
+    def __init__(self, client, prefix, ttl_running, ttl_done, stale_after):
+        self.client = client
+        self.prefix = prefix
+        self.index_key = prefix + "index"
+        self.cancels_key = prefix + "cancels"
+        self.ttl_running = ttl_running
+        self.ttl_done = ttl_done
+        self.stale_after = stale_after
+        self._claim = client.register_script(self.CLAIM_SCRIPT)
+
+    @classmethod
+    def from_config(cls, config, stale_after):
+        no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+        options = dict(
+            socket_timeout=STORE_TIMEOUT_S,
+            socket_connect_timeout=STORE_TIMEOUT_S,
+            retry=no_retry,
+            health_check_interval=0,
+        )
+        if config.redis_url:
+            client = redis.Redis.from_url(config.redis_url, **options)
+        else:
+            client = redis.Redis(
+                host=config.redis_host,
+                port=config.redis_port,
+                username=config.redis_user or None,
+                password=config.redis_password or None,
+                db=config.redis_db,
+                **options,
+            )
+        return cls(client, config.status_prefix, config.ttl_running, config.ttl_done, stale_after)
+
+    def _ttl(self, document):
+        return self.ttl_running if document["state"] in LIVE_STATES else self.ttl_done
+
+    def claim(self, document):
+        stale_before = time.time() - self.stale_after
+        done = self._claim(
+            keys=[self.prefix + document["task_id"], self.index_key, self.cancels_key],
+            args=[json.dumps(document), self._ttl(document), document["timestamp"], document["task_id"], stale_before],
+        )
+        return bool(done)
+
+    def put(self, documents):
+        pipe = self.client.pipeline(transaction=False)
+        for document in documents:
+            pipe.set(self.prefix + document["task_id"], json.dumps(document), ex=self._ttl(document))
+        pipe.execute()
+
+    def get(self, task_id):
+        raw = self.client.get(self.prefix + task_id)
+        return seen_now(json.loads(raw), self.stale_after) if raw else None
+
+    def recent(self, limit, state=None):
+        def pages(page_size=max(limit, 100)):
+            start = 0
+            while True:
+                ids = self.client.zrevrange(self.index_key, start, start + page_size - 1)
+                if not ids:
+                    return
+                raws = self.client.mget([self.prefix + i.decode() for i in ids])
+                gone = [i for i, raw in zip(ids, raws) if raw is None]
+                if gone:  # expired documents leave the index as they are met
+                    self.client.zrem(self.index_key, *gone)
+                yield [json.loads(raw) for raw in raws if raw is not None]
+                start += page_size - len(gone)
+
+        return _pick_recent(pages(), limit, state, self.stale_after)
+
+    def request_cancel(self, task_id):
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(self.cancels_key, {task_id: now})
+        pipe.zremrangebyscore(self.cancels_key, "-inf", now - self.ttl_running)
+        pipe.execute()
+
+    def cancels_among(self, task_ids):
+        task_ids = list(task_ids)
+        scores = self.client.zmscore(self.cancels_key, task_ids)
+        return {t for t, score in zip(task_ids, scores) if score is not None}
+
+    def ping(self):
+        self.client.ping()
+
+
+# ---------------------------------------------------------------- SQLite store
+
+
+class SqliteStore:
+    """Task documents in one SQLite file, for a box without Redis.
+
+    Every worker process opens the same file; SQLite's locking makes a claim
+    in one worker visible to the others. WAL mode lets readers run beside the
+    single writer, and ``synchronous=NORMAL`` skips an fsync per commit (a
+    power cut may lose the last statuses, never corrupt the file).
+    """
+
+    provider = "sqlite"
+
+    SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id   TEXT PRIMARY KEY,
+    state     TEXT NOT NULL,
+    created   REAL NOT NULL,
+    updated   REAL NOT NULL,
+    expires   REAL NOT NULL,
+    cancel    INTEGER NOT NULL DEFAULT 0,
+    document  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
+"""
+    PURGE_EVERY_S = 60.0
+
+    def __init__(self, path, ttl_running, ttl_done, stale_after):
+        self.path = path
+        self.ttl_running = ttl_running
+        self.ttl_done = ttl_done
+        self.stale_after = stale_after
+        self._local = threading.local()
+        self._next_purge = 0.0
+        with self._connection() as db:
+            db.executescript(self.SCHEMA)
+
+    @classmethod
+    def from_config(cls, config, stale_after):
+        return cls(os.path.join(config.state_dir, "tasks.sqlite3"), config.ttl_running, config.ttl_done, stale_after)
+
+    def _connection(self):
+        # sqlite3 connections must not cross threads (or a fork): one per thread.
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():
+            db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db, self._local.pid = db, os.getpid()
+        return db
+
+    def _expires(self, document, now):
+        return now + (self.ttl_running if document["state"] in LIVE_STATES else self.ttl_done)
+
+    def claim(self, document):
+        db = self._connection()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                "SELECT state, updated, expires FROM tasks WHERE task_id = ?", (document["task_id"],)
+            ).fetchone()
+            if row and row[0] in LIVE_STATES and row[2] > now and now - row[1] <= self.stale_after:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO tasks (task_id, state, created, updated, expires, cancel, document)"
+                " VALUES (?, ?, ?, ?, ?, 0, ?)",
+                (document["task_id"], document["state"], now, document["timestamp"],
+                 self._expires(document, now), json.dumps(document)),
+            )
+            return True
+        finally:
+            db.execute("COMMIT")
+
+    def put(self, documents):
+        db = self._connection()
+        now = time.time()
+        rows = [
+            (d["task_id"], d["state"], now, d["timestamp"], self._expires(d, now), json.dumps(d))
+            for d in documents
+        ]
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO tasks (task_id, state, created, updated, expires, document) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, updated = excluded.updated,"
+                " expires = excluded.expires, document = excluded.document",
+                rows,
+            )
+            if now >= self._next_purge:
+                self._next_purge = now + self.PURGE_EVERY_S
+                db.execute("DELETE FROM tasks WHERE expires < ?", (now,))
+        finally:
+            db.execute("COMMIT")
+
+    def get(self, task_id):
+        row = self._connection().execute(
+            "SELECT document FROM tasks WHERE task_id = ? AND expires > ?", (task_id, time.time())
+        ).fetchone()
+        return seen_now(json.loads(row[0]), self.stale_after) if row else None
+
+    def recent(self, limit, state=None):
+        db = self._connection()
+
+        def pages(page_size=max(limit, 100)):
+            offset, now = 0, time.time()
+            while True:
+                rows = db.execute(
+                    "SELECT document FROM tasks WHERE expires > ? ORDER BY created DESC LIMIT ? OFFSET ?",
+                    (now, page_size, offset),
+                ).fetchall()
+                if not rows:
+                    return
+                yield [json.loads(r[0]) for r in rows]
+                offset += page_size
+
+        return _pick_recent(pages(), limit, state, self.stale_after)
+
+    def request_cancel(self, task_id):
+        self._connection().execute("UPDATE tasks SET cancel = 1 WHERE task_id = ?", (task_id,))
+
+    def cancels_among(self, task_ids):
+        task_ids = list(task_ids)
+        marks = ",".join("?" * len(task_ids))
+        rows = self._connection().execute(
+            "SELECT task_id FROM tasks WHERE cancel = 1 AND task_id IN (%s)" % marks, task_ids
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def ping(self):
+        self._connection().execute("SELECT 1").fetchone()
+
+
+def open_store(config):
+    """Redis when the configuration names one, else the SQLite file."""
+    stale_after = max(3 * config.heartbeat_sec, 5.0)
+    if config.redis_url or config.redis_host:
+        return RedisStore.from_config(config, stale_after)
+    return SqliteStore.from_config(config, stale_after)
+
+
+# ---------------------------------------------------------------- the board
+
+
+class TaskBoard:
+    """The gateway's only way to the store.
+
+    Writes (``claim``, ``write``) never raise: when the store fails they log
+    once, start a cool-down of ``STORE_COOLDOWN_S`` during which the store is
+    not asked at all, and report that nothing was stored. Reads for the status
+    API (``query``) raise ``StoreUnavailable`` instead, so the client gets a
+    503 ``store_unavailable`` rather than a wrong answer.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.provider = store.provider
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._down = False
+
+    def _failed(self, error):
+        with self._lock:
+            self._down_until = time.monotonic() + STORE_COOLDOWN_S
+            if not self._down:
+                self._down = True
+                log.warning(
+                    "task store (%s) unavailable: %s; requests are still proxied, "
+                    "statuses are not recorded; retrying every %.0f s",
+                    self.provider, error, STORE_COOLDOWN_S,
+                )
+
+    def _answered(self):
+        if self._down:
+            with self._lock:
+                if self._down:
+                    self._down = False
+                    log.warning("task store (%s) reachable again; statuses are recorded", self.provider)
+
+    def _cooling_down(self):
+        return time.monotonic() < self._down_until
+
+    def call(self, method, *args, default=None):
+        """``store.method(*args)``, or ``default`` when the store is down."""
+        if self._cooling_down():
+            return default
+        try:
+            result = getattr(self.store, method)(*args)
+        except Exception as error:  # redis, sqlite3 and socket errors alike
+            self._failed(error)
+            return default
+        self._answered()
+        return result
+
+    def query(self, method, *args):
+        """``store.method(*args)`` for the status API: raises StoreUnavailable."""
+        if self._cooling_down():
+            raise StoreUnavailable(self.provider, "task store (%s) is unavailable" % self.provider)
+        try:
+            result = getattr(self.store, method)(*args)
+        except Exception as error:
+            self._failed(error)
+            raise StoreUnavailable(self.provider, "task store (%s) is unavailable: %s" % (self.provider, error))
+        self._answered()
+        return result
+
+
+# ---------------------------------------------------------------- one task
+
+
+class Task:
+    """One request's status document and its writes.
+
+    ``claim`` and ``finish`` write at once, on the request's thread: the claim
+    must answer 409 for a live id, and the final state must be stored before
+    the client sees the end of the response. Everything in between only marks
+    the task dirty; the worker's watcher writes dirty tasks and heartbeats in
+    one batch (``flush_tasks``). ``lock`` keeps a heartbeat from overwriting
+    the final state.
+    """
+
+    def __init__(self, board, task_id, algorithm_id, method, path):
+        self.board = board
+        self.task_id = task_id
+        self.algorithm_id = algorithm_id
+        self.state = PENDING
+        self.stage = "queued"
+        self.message = "waiting for a GPU slot"
+        self.extensions = {
+            "method": method, "path": path, "stream": False, "model": None, "upstream_status": None,
+            "prompt_tokens": None, "completion_tokens": None, "ttft_ms": None, "duration_ms": None,
+        }
+        self.lock = threading.Lock()
+        self.dirty = False
+        self.finished = False
+        self.written_at = 0.0  # time.monotonic() of the last write
+
+    def document(self):
+        return {
+            "version": "1.0",
+            "event_type": "task.status.update",
+            "event_id": str(uuid.uuid4()),
+            "algorithm_id": self.algorithm_id,
+            "task_id": self.task_id,
+            "state": self.state,
+            "stage": self.stage,
+            "message": self.message,
+            "extensions": dict(self.extensions),
+            "timestamp": round(time.time(), 3),
+        }
+
+    def claim(self):
+        """Write the first document; False when the id is live elsewhere.
+        With the store down the claim is let through (nothing to check against)."""
+        with self.lock:
+            self.written_at = time.monotonic()
+            return self.board.call("claim", self.document(), default=True)
+
+    def set(self, state=None, stage=None, message=None, **extensions):
+        """Change the document; the watcher writes it within a tick."""
+        with self.lock:
+            if self.finished:
+                return
+            if state:
+                self.state = state
+            if stage:
+                self.stage = stage
+            if message is not None:
+                self.message = message
+            self.extensions.update(extensions)
+            self.dirty = True
+
+    def finish(self, state, stage, message, **extensions):
+        """Write the final document now. Only the first call counts."""
+        with self.lock:
+            if self.finished:
+                return
+            self.finished = True
+            self.state, self.stage, self.message = state, stage, message
+            self.extensions.update(extensions)
+            self.board.call("put", [self.document()])
+
+
+def flush_tasks(board, tasks, heartbeat_sec):
+    """Write, in one batch, the tasks that changed and those due a heartbeat."""
+    now = time.monotonic()
+    due, locked = [], []
+    for task in tasks:
+        task.lock.acquire()
+        if not task.finished and (task.dirty or now - task.written_at >= heartbeat_sec):
+            due.append(task)
+            locked.append(task)
+        else:
+            task.lock.release()
+    try:
+        if due:
+            board.call("put", [t.document() for t in due])
+            for task in due:
+                task.dirty = False
+                task.written_at = now
+    finally:
+        for task in locked:
+            task.lock.release()
