@@ -600,6 +600,7 @@ HOP_BY_HOP = frozenset({
 
 
 def is_management(path):
+    path = path.rstrip("/")
     return path in MANAGEMENT_PATHS or path.startswith("/api/blobs/")
 
 
@@ -867,6 +868,10 @@ class Relay:
         if self.stream_format == "sse":
             chunks = with_keepalive_comments(chunks, exchange.config.heartbeat_sec, self.stop)
         sent, tail = 0, b""
+        # An empty first item makes gunicorn send the status line and headers
+        # now (gunicorn/http/wsgi.py, Response.write), so the client knows its
+        # request was taken while the model is still thinking.
+        yield b""
         try:
             for chunk in chunks:
                 if chunk is SSE_KEEPALIVE:
@@ -1029,14 +1034,12 @@ class Exchange:
 
 def upstream_error(error, provider, retry_after=()):
     """Map a requests exception to the one error a client can act on."""
-    if isinstance(error, requests.exceptions.ConnectTimeout) or (
-        isinstance(error, requests.exceptions.ConnectionError)
-        and _caused_by(error, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError))
-    ):
+    if _caused_by(error, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
+                          ConnectionRefusedError)):
         return GatewayError(503, "upstream_unreachable", "the upstream (%s) cannot be reached: %s"
                             % (provider, _short(error)), provider=provider, stage="upstream_unreachable",
                             headers=retry_after)
-    if isinstance(error, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+    if _caused_by(error, (urllib3.exceptions.ReadTimeoutError, socket.timeout)):
         return GatewayError(504, "upstream_timeout", "the upstream (%s) did not answer in time" % provider,
                             provider=provider, stage="timeout")
     return GatewayError(502, "upstream_error", "the upstream (%s) failed: %s" % (provider, _short(error)),
