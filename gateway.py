@@ -1116,7 +1116,7 @@ class Gateway:
         method = environ.get("REQUEST_METHOD", "GET")
         try:
             if path == "/healthz":
-                return json_response(start_response, 200, {"status": "ok"})
+                return json_response(start_response, 200, {"status": "ok", "pid": os.getpid()})
             self.check_api_key(environ)
             if path.startswith(("/v1/", "/api/")):
                 return self.proxy(environ, start_response, path, method)
@@ -1161,16 +1161,23 @@ class Gateway:
             raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
         provider = "ollama"
         task = status.Task(self.board, task_id, self.config.algorithm_id, method, path)
+        inference = method == "POST" and path in INFERENCE_PATHS
+        try:  # checked before the claim, so that the first document names the model
+            self.refuse_management(path)
+            raw = read_body(environ, self.config.max_body_bytes)
+            body, document = self.prepare_body(path, raw, inference, task)
+            refusal = None
+        except GatewayError as error:
+            refusal = error
         if not task.claim():
-            raise GatewayError(409, "task_id_in_use", "task %s is still pending or running" % task_id)
+            return error_response(start_response, GatewayError(
+                409, "task_id_in_use", "task %s is still pending or running" % task_id), task_id)
         exchange = Exchange(self, environ, task, provider)
         self.watcher.watch(exchange)
         _this_thread.call = exchange.call
         try:
-            inference = method == "POST" and path in INFERENCE_PATHS
-            self.refuse_management(path)
-            raw = read_body(environ, self.config.max_body_bytes)
-            body, document = self.prepare_body(path, raw, inference, task)
+            if refusal:
+                raise refusal
             if inference:
                 exchange.take_slot(path)
                 self.give_model_its_lifetime(path, document, environ)

@@ -272,7 +272,8 @@ def test_starts_with_no_redis_and_no_ollama(tmp_path):
 
 
 def test_healthz_never_touches_upstream(gateway, stub):
-    assert gateway.get("/healthz").json() == {"status": "ok"}
+    assert gateway.get("/healthz").json() == {"status": "ok", "pid": gateway.get("/healthz").json()["pid"]}
+    assert gateway.get("/healthz").json()["pid"] in gateway.worker_pids()
     assert stub.received == []
 
 
