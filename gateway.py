@@ -201,7 +201,7 @@ class Config:
             heartbeat_sec=_number(env, "HEARTBEAT_SEC", 10.0, float, 0.05),
             algorithm_id=_text(env, "ALGORITHM_ID", "ollama-openai"),
             state_dir=state_dir,
-            gpu_slots=_number(env, "GPU_SLOTS", 1, int, 1, 64),
+            gpu_slots=_number(env, "GPU_SLOTS", 1, int, 1, 1024),
             gpu_lock_dir=_directory(env, "GPU_LOCK_DIR", os.path.join(state_dir, "locks")),
             slot_wait_s=_number(env, "SLOT_WAIT_S", 0.0, float, 0),
             retry_after_s=_number(env, "RETRY_AFTER_S", 2, int, 0),
@@ -474,20 +474,48 @@ class WatchedAdapter(requests.adapters.HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": WatchedPool, "https": WatchedHTTPSPool}
 
 
-def new_session(retries):
-    """A requests session for one thread (sessions are not documented as
-    thread-safe). ``trust_env`` off: a host's HTTP_PROXY or .netrc must not
-    reroute traffic meant for Ollama. No default headers: the upstream gets
-    the client's headers, not requests'."""
-    session = requests.Session()
-    session.trust_env = False
-    session.headers.clear()
-    retry = urllib3.util.Retry(total=retries, connect=retries, read=0, status=0, other=0, redirect=0,
-                               allowed_methods=None, backoff_factor=0.05, raise_on_status=False)
-    adapter = WatchedAdapter(max_retries=retry, pool_connections=4, pool_maxsize=4)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+class Upstream:
+    """The way to one upstream server: requests' ``HTTPAdapter`` (a urllib3
+    pool of the watched connections above), one per thread, used directly.
+
+    Not a ``requests.Session``: a session adds a cookie jar (a per-thread
+    session would carry one client's upstream cookies into the next client's
+    request), proxies from the environment (a host's HTTP_PROXY must not
+    reroute traffic meant for Ollama), redirects and default headers -- none
+    of which a proxy wants -- and its settings merging was a third of the
+    gateway's own time per request. Retries are for failed connects only:
+    a request that reached Ollama is never sent twice.
+    """
+
+    def __init__(self, base, connect_timeout_s, read_timeout_s, retries):
+        self.base = base
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        self.retries = retries
+        self._local = threading.local()
+
+    def _adapter(self):
+        adapter = getattr(self._local, "adapter", None)
+        if adapter is None or self._local.pid != os.getpid():  # one per thread, new after a fork
+            retry = urllib3.util.Retry(total=self.retries, connect=self.retries, read=0, status=0, other=0,
+                                       redirect=0, allowed_methods=None, backoff_factor=0.05,
+                                       raise_on_status=False)
+            adapter = self._local.adapter = WatchedAdapter(max_retries=retry, pool_connections=4, pool_maxsize=4)
+            self._local.pid = os.getpid()
+        return adapter
+
+    def send(self, method, target, headers, body=None, timeout=None):
+        """The upstream's response, its body not yet read. Raises
+        ``requests.RequestException`` (an OSError: never let one escape
+        to gunicorn, which would drop the client without an answer)."""
+        request = requests.PreparedRequest()
+        request.method = method
+        request.url = self.base + target
+        request.headers = requests.structures.CaseInsensitiveDict(headers)
+        if body is not None:
+            request.headers["Content-Length"] = str(len(body))
+        request.body = body
+        request.hooks = {"response": []}
+        return self._adapter().send(request, stream=True, timeout=timeout or self.timeout)
 
 
 # ================================================================ watcher
@@ -783,13 +811,16 @@ class _Broken:
         self.error = error
 
 
-def with_keepalive_comments(chunks, interval, stop):
-    """Yield ``chunks``, and an SSE comment whenever the upstream is silent
-    for ``interval`` seconds, so that idle timeouts of load balancers don't
-    cut a long generation. The upstream is read by a helper thread through a
-    small bounded queue: a client that reads slowly slows the upstream down
-    instead of growing a buffer here."""
-    handoff = queue.Queue(maxsize=16)
+def read_ahead(chunks, stop, keepalive_every=None):
+    """Yield ``chunks`` read by a helper thread, so that the relay can
+    wake up without them: to send an SSE comment whenever the upstream is
+    silent for ``keepalive_every`` seconds (idle timeouts of load balancers
+    must not cut a long generation), and to join chunks that are already
+    waiting into one write to the client (a fast upstream is not slowed down
+    to one client write per token; a slow one is never waited for). The
+    queue is small and bounded: a client that reads slowly slows the
+    upstream down instead of growing a buffer here."""
+    handoff = queue.Queue(maxsize=64)
 
     def put(item):
         while not stop.is_set():
@@ -809,18 +840,28 @@ def with_keepalive_comments(chunks, interval, stop):
         except Exception as error:
             put(_Broken(error))
 
-    threading.Thread(target=read_upstream, name="edgegate-sse-reader", daemon=True).start()
+    threading.Thread(target=read_upstream, name="edgegate-upstream-reader", daemon=True).start()
     while True:
         try:
-            item = handoff.get(timeout=interval)
+            item = handoff.get(timeout=keepalive_every)
         except queue.Empty:
             yield SSE_KEEPALIVE
             continue
+        waiting = []
+        while isinstance(item, bytes) and not handoff.empty():
+            waiting.append(item)
+            item = handoff.get_nowait()
+        if waiting:
+            if isinstance(item, bytes):
+                waiting.append(item)
+                item = None
+            yield b"".join(waiting)
         if item is _END:
             return
         if isinstance(item, _Broken):
             raise item.error
-        yield item
+        if item is not None:
+            yield item
 
 
 class Relay:
@@ -855,18 +896,25 @@ class Relay:
             self.exchange.close()
 
     def _upstream_chunks(self):
+        # http.client's read1 returns what has arrived (within one chunk of a
+        # chunked body), undecoded; going below urllib3's wrapper of it saves
+        # most of the cost per chunk. At the end the connection goes back to
+        # urllib3's pool for the next request.
         raw = self.upstream.raw
         while True:
-            chunk = raw.read1(CHUNK_BYTES, decode_content=False)
+            chunk = raw._fp.read1(CHUNK_BYTES)
             if not chunk:
-                return
+                break
             yield chunk
+        raw.release_conn()
 
     def _relay(self):
         exchange = self.exchange
         chunks = self._upstream_chunks()
         if self.stream_format == "sse":
-            chunks = with_keepalive_comments(chunks, exchange.config.heartbeat_sec, self.stop)
+            chunks = read_ahead(chunks, self.stop, keepalive_every=exchange.config.heartbeat_sec)
+        elif self.stream_format == "ndjson" or self.length is None:
+            chunks = read_ahead(chunks, self.stop)
         sent, tail = 0, b""
         # An empty first item makes gunicorn send the status line and headers
         # now (gunicorn/http/wsgi.py, Response.write), so the client knows its
@@ -1004,6 +1052,11 @@ class Exchange:
         one is dropped, which tells Ollama to stop generating."""
         self.call.done()
         if self.upstream is not None:
+            raw, body = self.upstream.raw, self.upstream.raw._fp  # body: http.client's response
+            if body is not None and self.call.reason is None and (
+                    body.isclosed() or (not body.chunked and body.length == 0)):
+                body.close()  # read to its end: the connection goes back to the pool
+                raw.release_conn()
             self.upstream.close()
         slot, self.slot = self.slot, None
         if slot is not None:
@@ -1087,7 +1140,8 @@ class Gateway:
         self.lifetimes = ModelLifetimes()
         self._pid = None
         self._start_lock = threading.Lock()
-        self._sessions = threading.local()
+        self.upstream = Upstream(config.upstream_base, config.connect_timeout_s, config.read_timeout_s,
+                                 config.upstream_retries)
 
     # -- per-process start
 
@@ -1099,13 +1153,6 @@ class Gateway:
             self.watcher = Watcher(self.board, self.config.heartbeat_sec)
             self.lifetimes = ModelLifetimes()
             self._pid = os.getpid()
-
-    def session(self):
-        session = getattr(self._sessions, "session", None)
-        if session is None or self._sessions.pid != os.getpid():
-            session = self._sessions.session = new_session(self.config.upstream_retries)
-            self._sessions.pid = os.getpid()
-        return session
 
     # -- routing
 
@@ -1229,11 +1276,9 @@ class Gateway:
         headers = forwarded_headers(environ, bool(self.config.api_keys))
         headers["Content-Type"] = "application/json"
         try:
-            answer = self.session().post(
-                self.config.upstream_base + load_path, json={"model": model, "keep_alive": keep_alive},
-                headers=headers, timeout=(self.config.connect_timeout_s, self.config.read_timeout_s),
-                allow_redirects=False,
-            )
+            answer = self.upstream.send("POST", load_path, headers,
+                                        json.dumps({"model": model, "keep_alive": keep_alive}).encode())
+            answer.content  # read it all: the connection goes back to the pool
         except requests.RequestException:
             return  # the request itself will meet the same problem and report it
         if answer.status_code == 404 and not _ollama_error(answer):
@@ -1246,16 +1291,16 @@ class Gateway:
             self.lifetimes.used(model, keep_alive)
 
     def forward(self, environ, path, method, body, exchange):
-        """Send the request upstream; the response comes back unread (stream=True)."""
+        """Send the request upstream; the response comes back unread."""
+        if not body and not environ.get("CONTENT_LENGTH"):
+            body = None  # the client sent no body: no Content-Length either
         try:
-            return self.session().request(
-                method, self.config.upstream_base + upstream_target(environ, path),
-                data=body or None, headers=forwarded_headers(environ, bool(self.config.api_keys)),
-                stream=True, allow_redirects=False,
-                timeout=(self.config.connect_timeout_s, self.config.read_timeout_s),
-            )
+            return self.upstream.send(method, upstream_target(environ, path),
+                                      forwarded_headers(environ, bool(self.config.api_keys)), body)
         except requests.RequestException as error:
-            raise exchange.abort_error() if exchange.call.reason else upstream_error(error, exchange.provider, self.retry_after)
+            if exchange.call.reason:
+                raise exchange.abort_error()
+            raise upstream_error(error, exchange.provider, self.retry_after)
 
     def respond(self, start_response, exchange, path):
         upstream = exchange.upstream
@@ -1306,8 +1351,9 @@ class Gateway:
     def readyz(self, start_response):
         problems = []
         try:
-            answer = self.session().get(self.config.upstream_base + "/api/version", timeout=(1.0, 1.0))
-            answer.close()
+            answer = self.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-readyz"},
+                                        timeout=(1.0, 1.0))
+            answer.content
             if answer.status_code >= 500:
                 problems.append(("upstream", "the upstream answered %d to /api/version" % answer.status_code))
         except requests.RequestException as error:

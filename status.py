@@ -268,24 +268,19 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         return now + (self.ttl_running if document["state"] in LIVE_STATES else self.ttl_done)
 
     def claim(self, document):
-        db = self._connection()
+        # One statement, so one atomic write: insert, or replace a task that
+        # is finished, expired or stale -- never a live one.
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            row = db.execute(
-                "SELECT state, updated, expires FROM tasks WHERE task_id = ?", (document["task_id"],)
-            ).fetchone()
-            if row and row[0] in LIVE_STATES and row[2] > now and now - row[1] <= self.stale_after:
-                return False
-            db.execute(
-                "INSERT OR REPLACE INTO tasks (task_id, state, created, updated, expires, cancel, document)"
-                " VALUES (?, ?, ?, ?, ?, 0, ?)",
-                (document["task_id"], document["state"], now, document["timestamp"],
-                 self._expires(document, now), json.dumps(document)),
-            )
-            return True
-        finally:
-            db.execute("COMMIT")
+        cursor = self._connection().execute(
+            "INSERT INTO tasks (task_id, state, created, updated, expires, cancel, document)"
+            " VALUES (?, ?, ?, ?, ?, 0, ?)"
+            " ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, created = excluded.created,"
+            " updated = excluded.updated, expires = excluded.expires, cancel = 0, document = excluded.document"
+            " WHERE NOT (tasks.state IN ('PENDING', 'RUNNING') AND tasks.expires > ? AND tasks.updated >= ?)",
+            (document["task_id"], document["state"], now, document["timestamp"], self._expires(document, now),
+             json.dumps(document), now, now - self.stale_after),
+        )
+        return cursor.rowcount == 1
 
     def put(self, documents):
         db = self._connection()
@@ -294,19 +289,20 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
             (d["task_id"], d["state"], now, d["timestamp"], self._expires(d, now), json.dumps(d))
             for d in documents
         ]
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                "INSERT INTO tasks (task_id, state, created, updated, expires, document) VALUES (?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, updated = excluded.updated,"
-                " expires = excluded.expires, document = excluded.document",
-                rows,
-            )
-            if now >= self._next_purge:
-                self._next_purge = now + self.PURGE_EVERY_S
-                db.execute("DELETE FROM tasks WHERE expires < ?", (now,))
-        finally:
-            db.execute("COMMIT")
+        upsert = ("INSERT INTO tasks (task_id, state, created, updated, expires, document) VALUES (?, ?, ?, ?, ?, ?)"
+                  " ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, updated = excluded.updated,"
+                  " expires = excluded.expires, document = excluded.document")
+        if len(rows) == 1:
+            db.execute(upsert, rows[0])  # one statement is its own transaction
+        else:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(upsert, rows)
+            finally:
+                db.execute("COMMIT")
+        if now >= self._next_purge:
+            self._next_purge = now + self.PURGE_EVERY_S
+            db.execute("DELETE FROM tasks WHERE expires < ?", (now,))
 
     def get(self, task_id):
         row = self._connection().execute(

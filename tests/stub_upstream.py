@@ -65,6 +65,7 @@ class StubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
         self.defaults = {}
         self.received = []
+        self.keep_records = 100000
         self.lock = threading.Lock()
         self.thread = None
 
@@ -111,6 +112,10 @@ def _knobs(defaults, header):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "stub-ollama/1.0"
+    # Headers and body go out in separate writes: without TCP_NODELAY the
+    # second waits for the client's delayed ACK (40 ms) and the stub, not the
+    # gateway, would be what the benchmark measures.
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -189,9 +194,13 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, method):
         path, _, query = self.path.partition("?")
         body = self._read_body()
+        if path == "/_stub/received":
+            return self._report(query)
         self.record = Record(method, path, query, {k.lower(): v for k, v in self.headers.items()}, body)
         server = self.server
         with server.lock:
+            if len(server.received) >= server.keep_records:
+                del server.received[: server.keep_records // 2]
             server.received.append(self.record)
             knobs = _knobs(server.defaults, self.headers.get("X-Stub"))
         try:
@@ -200,6 +209,17 @@ class Handler(BaseHTTPRequestHandler):
             self._hung_up()
         finally:
             self.record.finished_at = time.monotonic()
+
+    def _report(self, query):
+        """For a stub in another process (the benchmark): what it received,
+        with times on this machine's monotonic clock."""
+        wanted = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("path")
+        with self.server.lock:
+            records = [r for r in self.server.received if wanted in (None, r.path)]
+            if "clear=1" in query:
+                self.server.received = []
+        self._send_json(200, [{"path": r.path, "arrived_at": r.arrived_at, "hangup_at": r.hangup_at,
+                               "finished_at": r.finished_at, "pieces_sent": r.pieces_sent} for r in records])
 
     def _answer(self, method, path, body, knobs):
         if knobs.get("never"):
