@@ -215,6 +215,15 @@ return 1
 # ---------------------------------------------------------------- SQLite store
 
 
+def _one_at_a_time(method):
+    def locked(self, *args):
+        with self._lock:
+            return method(self, *args)
+    locked.__name__ = method.__name__
+    locked.__doc__ = method.__doc__
+    return locked
+
+
 class SqliteStore:
     """Task documents in one SQLite file, for a box without Redis.
 
@@ -245,28 +254,33 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         self.ttl_running = ttl_running
         self.ttl_done = ttl_done
         self.stale_after = stale_after
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._db = None
+        self._pid = None
         self._next_purge = 0.0
-        with self._connection() as db:
-            db.executescript(self.SCHEMA)
+        with self._lock:
+            self._connection().executescript(self.SCHEMA)
 
     @classmethod
     def from_config(cls, config, stale_after):
         return cls(os.path.join(config.state_dir, "tasks.sqlite3"), config.ttl_running, config.ttl_done, stale_after)
 
     def _connection(self):
-        # sqlite3 connections must not cross threads (or a fork): one per thread.
-        db = getattr(self._local, "db", None)
-        if db is None or self._local.pid != os.getpid():
-            db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db, self._local.pid = db, os.getpid()
-        return db
+        """This process's one connection (opened anew after a fork), used
+        under ``self._lock``: SQLite runs one writer at a time anyway, and
+        one connection keeps the descriptors from growing with the threads."""
+        if self._db is None or self._pid != os.getpid():
+            self._db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._pid = os.getpid()
+        return self._db
 
     def _expires(self, document, now):
         return now + (self.ttl_running if document["state"] in LIVE_STATES else self.ttl_done)
 
+    @_one_at_a_time
     def claim(self, document):
         # One statement, so one atomic write: insert, or replace a task that
         # is finished, expired or stale -- never a live one.
@@ -282,6 +296,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         )
         return cursor.rowcount == 1
 
+    @_one_at_a_time
     def put(self, documents):
         db = self._connection()
         now = time.time()
@@ -304,12 +319,14 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
             self._next_purge = now + self.PURGE_EVERY_S
             db.execute("DELETE FROM tasks WHERE expires < ?", (now,))
 
+    @_one_at_a_time
     def get(self, task_id):
         row = self._connection().execute(
             "SELECT document FROM tasks WHERE task_id = ? AND expires > ?", (task_id, time.time())
         ).fetchone()
         return seen_now(json.loads(row[0]), self.stale_after) if row else None
 
+    @_one_at_a_time
     def recent(self, limit, state=None):
         db = self._connection()
 
@@ -327,9 +344,11 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
 
         return _pick_recent(pages(), limit, state, self.stale_after)
 
+    @_one_at_a_time
     def request_cancel(self, task_id):
         self._connection().execute("UPDATE tasks SET cancel = 1 WHERE task_id = ?", (task_id,))
 
+    @_one_at_a_time
     def cancels_among(self, task_ids):
         task_ids = list(task_ids)
         marks = ",".join("?" * len(task_ids))
@@ -338,6 +357,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         ).fetchall()
         return {r[0] for r in rows}
 
+    @_one_at_a_time
     def ping(self):
         self._connection().execute("SELECT 1").fetchone()
 

@@ -95,6 +95,9 @@ def start_edgegate(procs, upstream, **env):
                            "--access-logfile", "/dev/null"], env=full_env)
     url = "http://127.0.0.1:%d" % port
     wait_http(url + "/healthz")
+    deadline = time.monotonic() + 15
+    while len(worker_pids(process)) < int(full_env["WORKERS"]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # every worker booted, so that none is measured while it starts
     process.url = url
     return process
 

@@ -14,6 +14,7 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     truncate_after=N  close after N pieces without ending the chunked body
     malformed=1       a 200 whose JSON body is broken
     html500=1         a 500 with an HTML page
+    garbage=1         an answer that is not HTTP
     never=1           accept and never answer
     gzip=1            a gzip-encoded JSON body
 
@@ -236,6 +237,10 @@ class Handler(BaseHTTPRequestHandler):
             request = None
         if not isinstance(request, dict):
             return self._send_json(400, {"error": "invalid JSON body"})
+        if knobs.get("garbage"):
+            self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
+            self.close_connection = True
+            return
         if knobs.get("html500"):
             return self._send(500, "text/html", b"<html><body><h1>500 Internal Server Error</h1></body></html>")
         if knobs.get("malformed"):
