@@ -884,15 +884,19 @@ class Relay:
         self.length = _content_length(upstream)
         self.stop = threading.Event()
         self._body = self._relay()
+        exchange.metrics.streams(+1)
 
     def __iter__(self):
         return self._body
 
     def close(self):
+        if self.stop.is_set():
+            return
         self.stop.set()
         try:
             self._body.close()
         finally:
+            self.exchange.metrics.streams(-1)
             self.exchange.close()
 
     def _upstream_chunks(self):
@@ -975,21 +979,29 @@ def stream_format(response):
 class Exchange:
     """One proxied request and everything it holds: its task, its GPU slot,
     its upstream call and response, and its place in the watcher. ``close()``
-    is the one path that releases them all, and it is safe to call twice."""
+    is the one path that releases them all, and it is safe to call twice.
+    What the access log shows of it goes into the WSGI environ
+    (``edgegate.*``, read by gunicorn.conf.py's access_log_format)."""
+
+    UPSTREAM_STAGES = ("upstream_error", "upstream_unreachable", "timeout")
 
     def __init__(self, gateway, environ, task, provider):
         self.gateway = gateway
         self.config = gateway.config
+        self.metrics = gateway.metrics
+        self.environ = environ
         self.task = task
         self.provider = provider
         self.client_socket = environ.get("gunicorn.socket")
         self.call = UpstreamCall()
         self.slot = None
+        self.slot_taken_at = None
         self.upstream = None
         self.started = time.monotonic()
         self.first_byte_at = None
         self.closed = False
         self._close_lock = threading.Lock()
+        environ["edgegate.model"] = task.extensions.get("model") or "-"
 
     # -- the steps, in the order the gateway takes them
 
@@ -1002,33 +1014,40 @@ class Exchange:
         if self.call.reason:
             raise self.abort_error()
         if self.slot is None:
+            self.metrics.count("gpu_busy")
             raise GatewayError(503, "gpu_busy", self.gateway.busy_message(), headers=self.gateway.retry_after,
                                stage="gpu_busy")
+        self.slot_taken_at = time.monotonic()
+        waited = self.slot_taken_at - self.started
+        self.metrics.observe("slot_wait", waited)
+        self.environ["edgegate.slot_wait_ms"] = "%.1f" % (waited * 1000)
         self.task.set(RUNNING, "forwarding", "forwarded to the upstream")
 
     def first_byte_arrived(self):
         self.first_byte_at = time.monotonic()
-        ttft_ms = round((self.first_byte_at - self.started) * 1000, 1)
-        self.task.set(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=ttft_ms)
+        ttft = self.first_byte_at - self.started
+        self.metrics.observe("ttft", ttft)
+        self.environ["edgegate.ttfb_ms"] = "%.1f" % (ttft * 1000)
+        self.task.set(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
 
     def succeed(self, counts):
         """The upstream's answer is complete: release, then record it."""
         upstream_status = self.upstream.status_code if self.upstream is not None else None
-        ok = upstream_status is not None and upstream_status < 400
         self.release()
-        self.task.finish(
-            SUCCESS if ok else FAILED,
-            "completed" if ok else "upstream_error",
-            "completed" if ok else "the upstream answered %s" % upstream_status,
-            duration_ms=self.elapsed_ms(), **counts,
-        )
+        if upstream_status is not None and upstream_status < 400:
+            self.finish(SUCCESS, "completed", "completed", **counts)
+        else:
+            self.finish(FAILED, "upstream_error", "the upstream answered %s" % upstream_status, **counts)
 
     def upstream_failure(self, error):
         """Name a failure of the upstream call, finish the task with it, and
         return the GatewayError that says it to the client."""
-        failure = self.abort_error() if self.call.reason else upstream_error(error, self.provider, self.gateway.retry_after)
+        if self.call.reason:
+            failure = self.abort_error()
+        else:
+            failure = upstream_error(error, self.provider, self.gateway.retry_after)
         self.release()
-        self.task.finish(FAILED, failure.stage, failure.message, duration_ms=self.elapsed_ms())
+        self.finish(FAILED, failure.stage, failure.message)
         return failure
 
     def abort_error(self):
@@ -1041,8 +1060,14 @@ class Exchange:
         """From the watcher: the client left, or a DELETE cancelled the task."""
         self.call.abort(reason)
 
-    def elapsed_ms(self):
-        return round((time.monotonic() - self.started) * 1000, 1)
+    def finish(self, state, stage, message, **extensions):
+        """The task's last state (only the first call counts)."""
+        if self.task.finished:
+            return
+        if state == FAILED and stage in self.UPSTREAM_STAGES:
+            self.metrics.count("upstream_errors", stage)
+        self.task.finish(state, stage, message,
+                         duration_ms=round((time.monotonic() - self.started) * 1000, 1), **extensions)
 
     # -- the one clean-up path
 
@@ -1061,6 +1086,7 @@ class Exchange:
         slot, self.slot = self.slot, None
         if slot is not None:
             slot.release()
+            self.metrics.observe("slot_hold", time.monotonic() - self.slot_taken_at)
 
     def close(self, error=None):
         """Release everything; a task not yet finished ends here as FAILED
@@ -1077,9 +1103,9 @@ class Exchange:
                 self.call.abort(self.call.reason or "client_gone")
             self.release()
             if error is not None:
-                self.task.finish(FAILED, error.stage, error.message, duration_ms=self.elapsed_ms())
+                self.finish(FAILED, error.stage, error.message)
             else:
-                self.task.finish(FAILED, "cancelled", "the client went away", duration_ms=self.elapsed_ms())
+                self.finish(FAILED, "cancelled", "the client went away")
         finally:
             _this_thread.call = None
             self.gateway.watcher.unwatch(self)
@@ -1120,6 +1146,93 @@ def _short(error):
     return text if len(text) < 200 else text[:200] + "..."
 
 
+# ================================================================ metrics
+
+
+class Metrics:
+    """Prometheus metrics, summed over all workers (SPEC 10).
+
+    ``prometheus_client`` is an optional extra (``pip install
+    'edgegate[metrics]'``); without it every method here does nothing and
+    ``/metrics`` answers 404 saying what to install. Its multiprocess mode
+    keeps each worker's values in files under ``STATE_DIR/metrics``, which
+    gunicorn.conf.py empties when the server starts; the library reads the
+    directory from PROMETHEUS_MULTIPROC_DIR when it is first imported, so it
+    is set here, after the fork and before that import.
+    """
+
+    ROUTE_CLASSES = (("/v1/", "proxy"), ("/api/", "proxy"), ("/tasks/", "tasks"), ("/slots", "slots"),
+                     ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"))
+
+    def __init__(self, directory, slots):
+        self.slots = slots
+        self.enabled = False
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", directory)
+        try:
+            import prometheus_client as prom
+            from prometheus_client import multiprocess
+            from prometheus_client.core import GaugeMetricFamily
+        except ImportError:
+            return
+        self.prom, self.multiprocess, self.GaugeMetricFamily = prom, multiprocess, GaugeMetricFamily
+        seconds = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+        self.requests = prom.Counter("edgegate_requests_total", "Requests answered, by route class and status",
+                                     ["route", "status"])
+        self.gpu_busy = prom.Counter("edgegate_gpu_busy_total", "Inference requests refused with 503 gpu_busy")
+        self.slot_wait = prom.Histogram("edgegate_slot_wait_seconds", "Time spent waiting for a GPU slot",
+                                        buckets=seconds)
+        self.slot_hold = prom.Histogram("edgegate_slot_hold_seconds", "Time a GPU slot was held", buckets=seconds)
+        self.ttft = prom.Histogram("edgegate_time_to_first_token_seconds",
+                                   "From a request's arrival to the upstream's first body byte", buckets=seconds)
+        self.upstream_errors = prom.Counter("edgegate_upstream_errors_total", "Failed upstream calls, by kind",
+                                            ["kind"])
+        self.store_errors = prom.Counter("edgegate_store_errors_total", "Failed task store calls")
+        self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
+                                       multiprocess_mode="livesum")
+        self.enabled = True
+
+    def request(self, path, status_code):
+        if self.enabled:
+            route = next((name for prefix, name in self.ROUTE_CLASSES if path.startswith(prefix)), "other")
+            if path in INFERENCE_PATHS:
+                route = "inference"
+            self.requests.labels(route, str(status_code)).inc()
+
+    def observe(self, histogram, seconds):
+        if self.enabled:
+            getattr(self, histogram).observe(seconds)
+
+    def count(self, counter, label=None):
+        if self.enabled:
+            metric = getattr(self, counter)
+            (metric.labels(label) if label else metric).inc()
+
+    def streams(self, change):
+        if self.enabled:
+            self.open_streams.inc(change)
+
+    def exposition(self):
+        """The text of /metrics: every worker's values, and the slots now."""
+        registry = self.prom.CollectorRegistry()
+        self.multiprocess.MultiProcessCollector(registry)
+        held = sum(1 for slot in self.slots.describe() if slot["state"] == "held")
+        slots = self.GaugeMetricFamily("edgegate_gpu_slots", "GPU slots by state", labels=["state"])
+        slots.add_metric(["held"], held)
+        slots.add_metric(["free"], len(self.slots.paths) - held)
+        registry.register(_Fixed([slots]))
+        return self.prom.generate_latest(registry)
+
+
+class _Fixed:
+    """A Prometheus collector that returns metric families made at scrape time."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
 # ================================================================ the app
 
 
@@ -1149,7 +1262,9 @@ class Gateway:
         with self._start_lock:
             if self._pid == os.getpid():
                 return
-            self.board = status.TaskBoard(status.open_store(self.config))
+            self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
+            self.board = status.TaskBoard(status.open_store(self.config),
+                                          on_failure=lambda: self.metrics.count("store_errors"))
             self.watcher = Watcher(self.board, self.config.heartbeat_sec)
             self.lifetimes = ModelLifetimes()
             self._pid = os.getpid()
@@ -1161,6 +1276,19 @@ class Gateway:
             self._start()
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
+
+        def counted_start_response(status_text, headers, exc_info=None):
+            self.metrics.request(path, status_text[:3])
+            return start_response(status_text, headers, exc_info)
+
+        try:
+            return self.route(environ, counted_start_response, path, method)
+        except Exception:  # a bug of ours: still one envelope, never a bare 500
+            log.exception("internal error on %s %s", method, _printable(path))
+            return error_response(counted_start_response, GatewayError(
+                500, "internal_error", "the gateway failed on this request; see its log"))
+
+    def route(self, environ, start_response, path, method):
         try:
             if path == "/healthz":
                 return json_response(start_response, 200, {"status": "ok", "pid": os.getpid()})
@@ -1177,6 +1305,8 @@ class Gateway:
                 return self.task_status(start_response, path[len("/tasks/status/"):])
             if path.startswith("/tasks/") and method == "DELETE":
                 return self.cancel_task(start_response, path[len("/tasks/"):])
+            if path == "/metrics" and method == "GET":
+                return self.metrics_text(start_response)
             raise GatewayError(404, "not_found", "no route for %s %s" % (method, _printable(path)))
         except GatewayError as error:
             return error_response(start_response, error)
@@ -1332,7 +1462,7 @@ class Gateway:
         error = GatewayError(upstream.status_code, _upstream_code(upstream.status_code), message,
                              provider=exchange.provider, stage="upstream_error")
         exchange.release()
-        exchange.task.finish(FAILED, "upstream_error", message, duration_ms=exchange.elapsed_ms())
+        exchange.finish(FAILED, "upstream_error", message)
         exchange.close()
         return error_response(start_response, error, exchange.task.task_id)
 
@@ -1347,6 +1477,14 @@ class Gateway:
         return "GPU slot busy (held by %s%s)" % (who, age)
 
     # -- the gateway's own routes
+
+    def metrics_text(self, start_response):
+        if not self.metrics.enabled:
+            raise GatewayError(404, "not_found", "metrics need prometheus_client: pip install 'edgegate[metrics]'")
+        body = self.metrics.exposition()
+        start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
 
     def readyz(self, start_response):
         problems = []
@@ -1456,3 +1594,55 @@ def load_config():
 
 
 app = Gateway(load_config())
+
+
+def _masked(config):
+    """The configuration as ``check`` prints it: secrets shown as ***."""
+    shown = dataclasses.asdict(config)
+    shown["api_keys"] = "%d key(s)" % len(config.api_keys) if config.api_keys else ""
+    for secret in ("redis_password", "openai_api_key"):
+        if shown[secret]:
+            shown[secret] = "***"
+    if config.redis_url:
+        parts = urllib.parse.urlsplit(config.redis_url)
+        if parts.password:
+            netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+            shown["redis_url"] = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return shown
+
+
+def check(gateway, out=sys.stdout):
+    """``python -m gateway check``: the effective configuration (secrets
+    masked), whether the upstream and the store answer, and the slots. What
+    an operator runs first when something is off. Returns the exit status."""
+    ok = True
+    print("configuration:", file=out)
+    for name, value in _masked(gateway.config).items():
+        print("  %-22s %s" % (name, value), file=out)
+    try:
+        answer = gateway.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-check"}, timeout=(2, 2))
+        print("upstream:  %s answered %d %s" % (gateway.config.upstream_base, answer.status_code,
+                                                answer.text.strip()[:80]), file=out)
+        ok = ok and answer.status_code < 400
+    except requests.RequestException as error:
+        print("upstream:  %s does NOT answer: %s" % (gateway.config.upstream_base, _short(error)), file=out)
+        ok = False
+    store = status.open_store(gateway.config)
+    try:
+        store.ping()
+        print("store:     %s answers" % store.provider, file=out)
+    except Exception as error:
+        print("store:     %s does NOT answer: %s" % (store.provider, error), file=out)
+        ok = False
+    for slot in gateway.slots.describe():
+        holder = "" if slot["state"] == "free" else " by pid %s%s" % (
+            slot.get("pid"), " (task %s)" % slot["task_id"] if slot.get("task_id") else "")
+        print("slot %d:    %s%s  [%s]" % (slot["slot"], slot["state"], holder, slot["lock_file"]), file=out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["check"]:
+        print("usage: python -m gateway check", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(check(app))

@@ -5,6 +5,10 @@ so a bad environment variable stops the start with one line, before any
 worker is forked.
 """
 
+import logging
+import os
+import shutil
+
 from gateway import load_config
 
 edgegate = load_config()  # not "config": that name is a gunicorn setting
@@ -39,6 +43,40 @@ worker_connections = max(1000, 4 * threads)
 # default; an audited edge box gets no management socket it does not use.
 control_socket_disable = True
 
-# Access log: one line per request on stdout (SPEC 10).
+# Access log: one line per request on stdout (SPEC 10). Path without the
+# query string, and no request headers: a prompt, a completion or a key never
+# reaches the log. The edgegate.* values are put in the WSGI environ by the
+# gateway (slot wait and time to first byte in ms); %(M)s is the duration in
+# ms and %(B)s the bytes sent.
 accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s task=%({x-task-id}o)s %(M)sms'
+access_log_format = (
+    '%(h)s "%(m)s %(U)s" %(s)s task=%({x-task-id}o)s model=%({edgegate.model}e)s '
+    "slot_wait_ms=%({edgegate.slot_wait_ms}e)s ttfb_ms=%({edgegate.ttfb_ms}e)s duration_ms=%(M)s bytes=%(B)s"
+)
+
+METRICS_DIR = os.path.join(edgegate.state_dir, "metrics")
+
+
+def on_starting(server):
+    """Start /metrics from zero: prometheus_client's multiprocess files of an
+    earlier run would otherwise be summed in."""
+    shutil.rmtree(METRICS_DIR, ignore_errors=True)
+    os.makedirs(METRICS_DIR, exist_ok=True)
+
+
+def post_fork(server, worker):
+    """The gateway's own messages (store down, upstream without Ollama's
+    native API, internal errors) go to gunicorn's error log, formatted alike."""
+    gateway_log = logging.getLogger("edgegate")
+    gateway_log.handlers = server.log.error_log.handlers
+    gateway_log.setLevel(logging.INFO)
+    gateway_log.propagate = False
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (open streams) must not count any more."""
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:
+        return
+    multiprocess.mark_process_dead(worker.pid, METRICS_DIR)

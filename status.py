@@ -383,14 +383,16 @@ class TaskBoard:
     503 ``store_unavailable`` rather than a wrong answer.
     """
 
-    def __init__(self, store):
+    def __init__(self, store, on_failure=None):
         self.store = store
         self.provider = store.provider
+        self.on_failure = on_failure or (lambda: None)
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._down = False
 
     def _failed(self, error):
+        self.on_failure()
         with self._lock:
             self._down_until = time.monotonic() + STORE_COOLDOWN_S
             if not self._down:

@@ -9,6 +9,7 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     chunks=N          N content pieces in a streamed answer (default 3)
     chunk_delay=S     pause between pieces
     chunk_bytes=N     each piece carries N bytes of text (default: one word)
+    word=W            each piece is the text W
     status=C          answer with status C and an error body in the route's shape
     reset_after=N     reset the connection (RST) after N pieces; 0 = before headers
     truncate_after=N  close after N pieces without ending the chunked body
@@ -292,6 +293,8 @@ class Handler(BaseHTTPRequestHandler):
     def _words(self, knobs):
         n = int(knobs.get("chunks", 3))
         size = int(knobs.get("chunk_bytes", 0))
+        if "word" in knobs:
+            return [knobs["word"]] * n
         if size:
             return ["x" * size] * n
         return [WORDS[i % len(WORDS)] for i in range(n)]
