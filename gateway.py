@@ -877,11 +877,12 @@ class Relay:
     (PEP 3333) -- finishes whatever is still open.
     """
 
-    def __init__(self, exchange, upstream, stream_format):
+    def __init__(self, exchange, upstream, stream_format, translate=None):
         self.exchange = exchange
         self.upstream = upstream
         self.stream_format = stream_format  # "sse", "ndjson" or None
-        self.length = _content_length(upstream)
+        self.translate = translate  # chunks -> chunks (the cloud route's SSE -> NDJSON)
+        self.length = None if translate else _content_length(upstream)
         self.stop = threading.Event()
         self._body = self._relay()
         exchange.metrics.streams(+1)
@@ -915,6 +916,8 @@ class Relay:
     def _relay(self):
         exchange = self.exchange
         chunks = self._upstream_chunks()
+        if self.translate:
+            chunks = self.translate(chunks)
         if self.stream_format == "sse":
             chunks = read_ahead(chunks, self.stop, keepalive_every=exchange.config.heartbeat_sec)
         elif self.stream_format == "ndjson" or self.length is None:
@@ -1146,6 +1149,151 @@ def _short(error):
     return text if len(text) < 200 else text[:200] + "..."
 
 
+# ================================================================ cloud route (SPEC 8)
+
+CLOUD_PREFIX = "openai/"
+CLOUD_PATHS = "/v1/* and /api/chat"
+
+
+def is_cloud_model(document):
+    model = document.get("model") if document else None
+    return isinstance(model, str) and model.startswith(CLOUD_PREFIX)
+
+
+def _iso_now():
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+
+
+def ollama_chat_to_openai(document, model):
+    """An Ollama /api/chat request as an OpenAI chat completion request."""
+    request = {"model": model, "messages": [_openai_message(m, n) for n, m in enumerate(document.get("messages") or [])]}
+    stream = document.get("stream", True) is not False  # Ollama streams unless told not to
+    request["stream"] = stream
+    if stream:
+        request["stream_options"] = {"include_usage": True}
+    options = document.get("options") or {}
+    for ollama_name, openai_name in (("temperature", "temperature"), ("top_p", "top_p"), ("stop", "stop"),
+                                     ("seed", "seed"), ("presence_penalty", "presence_penalty"),
+                                     ("frequency_penalty", "frequency_penalty")):
+        if options.get(ollama_name) is not None:
+            request[openai_name] = options[ollama_name]
+    if isinstance(options.get("num_predict"), int) and options["num_predict"] > 0:  # -1 and -2 mean no limit
+        request["max_tokens"] = options["num_predict"]
+    form = document.get("format")
+    if form == "json":
+        request["response_format"] = {"type": "json_object"}
+    elif isinstance(form, dict):
+        request["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": form}}
+    if document.get("tools"):
+        request["tools"] = [dict(tool, type=tool.get("type", "function")) for tool in document["tools"]]
+    return request
+
+
+def _openai_message(message, position):
+    converted = {"role": message.get("role", "user"), "content": message.get("content", "")}
+    if message.get("images"):
+        converted["content"] = [{"type": "text", "text": converted["content"]}] + [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}
+            for image in message["images"]]
+    if message.get("tool_calls"):
+        converted["tool_calls"] = [
+            {"id": "call_%d_%d" % (position, n), "type": "function",
+             "function": {"name": call["function"]["name"],
+                          "arguments": json.dumps(call["function"].get("arguments", {}))}}
+            for n, call in enumerate(message["tool_calls"])]
+    if converted["role"] == "tool":
+        converted["tool_call_id"] = message.get("tool_call_id") or message.get("tool_name") or "call"
+    return converted
+
+
+def _ollama_tool_calls(calls):
+    """OpenAI tool calls (arguments as a JSON string) in Ollama's shape (an object)."""
+    converted = []
+    for call in calls:
+        function = call.get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            arguments = {"_raw": function.get("arguments")}
+        converted.append({"function": {"name": function.get("name"), "arguments": arguments}})
+    return converted
+
+
+def _ollama_final(model, finish_reason, usage, started):
+    return {"model": model, "created_at": _iso_now(), "message": {"role": "assistant", "content": ""},
+            "done": True, "done_reason": "length" if finish_reason == "length" else "stop",
+            "total_duration": int((time.monotonic() - started) * 1e9),
+            "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
+            "eval_count": (usage or {}).get("completion_tokens", 0)}
+
+
+def openai_answer_to_ollama(answer, model, started):
+    """A non-streamed chat completion as Ollama's /api/chat answer."""
+    choice = (answer.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    document = _ollama_final(model, choice.get("finish_reason"), answer.get("usage"), started)
+    document["message"] = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("tool_calls"):
+        document["message"]["tool_calls"] = _ollama_tool_calls(message["tool_calls"])
+    return document
+
+
+class CloudError(Exception):
+    """An error event inside the cloud's stream."""
+
+
+def openai_stream_to_ollama(chunks, model):
+    """OpenAI's SSE chunks in, Ollama's NDJSON lines out: one line per
+    content delta, tool calls (assembled from their fragments) in one line
+    when complete, and a last ``done: true`` line with the token counts."""
+    started = time.monotonic()
+    pending, tool_calls, finish_reason, usage = b"", {}, None, None
+
+    def line(document):
+        return json.dumps(document).encode() + b"\n"
+
+    def ending():
+        out = b""
+        if tool_calls:
+            calls = [tool_calls[i] for i in sorted(tool_calls)]
+            out += line({"model": model, "created_at": _iso_now(), "done": False,
+                         "message": {"role": "assistant", "content": "", "tool_calls": _ollama_tool_calls(calls)}})
+        return out + line(_ollama_final(model, finish_reason, usage, started))
+
+    for chunk in chunks:
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        out = b""
+        for raw in lines:
+            raw = raw.strip()
+            if not raw.startswith(b"data:"):
+                continue  # blank separators, comments, event names
+            data = raw[5:].strip()
+            if data == b"[DONE]":
+                yield out + ending()
+                return
+            event = json.loads(data)
+            if event.get("error"):
+                error = event["error"]
+                raise CloudError(error.get("message") if isinstance(error, dict) else str(error))
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or {}
+                finish_reason = choice.get("finish_reason") or finish_reason
+                for fragment in delta.get("tool_calls") or []:
+                    call = tool_calls.setdefault(fragment.get("index", 0),
+                                                 {"function": {"name": "", "arguments": ""}})
+                    function = fragment.get("function") or {}
+                    call["function"]["name"] += function.get("name") or ""
+                    call["function"]["arguments"] += function.get("arguments") or ""
+                if delta.get("content"):
+                    out += line({"model": model, "created_at": _iso_now(), "done": False,
+                                 "message": {"role": "assistant", "content": delta["content"]}})
+        if out:
+            yield out
+    raise CloudError("the cloud stream ended without [DONE]")
+
+
 # ================================================================ metrics
 
 
@@ -1255,6 +1403,8 @@ class Gateway:
         self._start_lock = threading.Lock()
         self.upstream = Upstream(config.upstream_base, config.connect_timeout_s, config.read_timeout_s,
                                  config.upstream_retries)
+        self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
+                              config.upstream_retries)
 
     # -- per-process start
 
@@ -1355,6 +1505,8 @@ class Gateway:
         try:
             if refusal:
                 raise refusal
+            if inference and is_cloud_model(document):
+                return self.to_cloud(environ, start_response, exchange, path, document)
             if inference:
                 exchange.take_slot(path)
                 self.give_model_its_lifetime(path, document, environ)
@@ -1368,6 +1520,67 @@ class Gateway:
         except BaseException:
             exchange.close(GatewayError(500, "internal_error", "the gateway failed", stage="upstream_error"))
             raise
+
+    def to_cloud(self, environ, start_response, exchange, path, document):
+        """SPEC 8: ``openai/<model>`` goes to OPENAI_BASE_URL with the
+        gateway's key and no GPU slot; /v1 as it is, /api/chat translated."""
+        exchange.provider = "openai"
+        if not self.config.openai_api_key:
+            raise GatewayError(503, "provider_not_configured",
+                               "model %s needs the cloud route: set OPENAI_API_KEY" % document["model"],
+                               provider="openai", stage="upstream_unreachable")
+        if not (path.startswith("/v1/") or path == "/api/chat"):
+            raise GatewayError(400, "invalid_request", "the cloud route (openai/...) serves %s" % CLOUD_PATHS)
+        model = document["model"][len(CLOUD_PREFIX):]
+        headers = forwarded_headers(environ, strip_keys=True)
+        headers["Authorization"] = "Bearer " + self.config.openai_api_key
+        headers["Content-Type"] = "application/json"
+        if path == "/api/chat":
+            body = ollama_chat_to_openai(document, model)
+            target = "/v1/chat/completions"
+        else:
+            body = dict(document, model=model)
+            target = upstream_target(environ, path)
+        exchange.task.set(RUNNING, "forwarding", "forwarded to the cloud (openai)")
+        try:
+            exchange.upstream = self.cloud.send("POST", target, headers, json.dumps(body).encode())
+        except requests.RequestException as error:
+            if exchange.call.reason:
+                raise exchange.abort_error()
+            raise upstream_error(error, "openai", self.retry_after)
+        if path != "/api/chat":
+            return self.respond(start_response, exchange, path)
+        return self.respond_as_ollama_chat(start_response, exchange, document["model"], body["stream"])
+
+    def respond_as_ollama_chat(self, start_response, exchange, model, stream):
+        """The cloud's chat completion in the shape of Ollama's /api/chat."""
+        upstream = exchange.upstream
+        exchange.task.extensions["upstream_status"] = upstream.status_code
+        task_id = exchange.task.task_id
+        if upstream.status_code >= 400 or not stream:
+            try:
+                raw = upstream.raw.read(16 * 1024 * 1024, decode_content=True)
+            except Exception as error:
+                raise exchange.upstream_failure(error)
+            if upstream.status_code >= 400:
+                message = _ollama_message(raw) or "the cloud answered %d" % upstream.status_code
+                exchange.release()
+                exchange.finish(FAILED, "upstream_error", message)
+                exchange.close()
+                return json_response(start_response, upstream.status_code, {"error": message},
+                                     [("X-Task-Id", task_id)])
+            try:
+                answer = openai_answer_to_ollama(json.loads(raw), model, exchange.started)
+            except (ValueError, AttributeError, TypeError) as error:
+                raise exchange.upstream_failure(ValueError("the cloud's answer is not a chat completion: %s" % error))
+            exchange.release()
+            exchange.finish(SUCCESS, "completed", "completed", prompt_tokens=answer["prompt_eval_count"],
+                            completion_tokens=answer["eval_count"])
+            exchange.close()
+            return json_response(start_response, 200, answer, [("X-Task-Id", task_id)])
+        relay = Relay(exchange, upstream, "ndjson", translate=lambda chunks: openai_stream_to_ollama(chunks, model))
+        start_response("200 OK", [("Content-Type", "application/x-ndjson"), ("X-Task-Id", task_id)])
+        return relay
 
     def task_id_of(self, environ):
         given = environ.get("HTTP_X_TASK_ID")
@@ -1389,7 +1602,7 @@ class Gateway:
         if not inference:
             return raw, None
         document = parse_json_object(raw)
-        changed = adjust_body(path, document, self.config)
+        changed = False if is_cloud_model(document) else adjust_body(path, document, self.config)
         stream = document.get("stream", path.startswith("/api/") and path not in EMBEDDING_PATHS)
         task.extensions.update(model=document.get("model"), stream=bool(stream))
         return (json.dumps(document).encode() if changed else raw), document

@@ -10,6 +10,8 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     chunk_delay=S     pause between pieces
     chunk_bytes=N     each piece carries N bytes of text (default: one word)
     word=W            each piece is the text W
+    tool_call=NAME    /v1 chat answers with a call of tool NAME (streamed in fragments)
+    sse_error_after=N an SSE stream sends an error event after N events
     status=C          answer with status C and an error body in the route's shape
     reset_after=N     reset the connection (RST) after N pieces; 0 = before headers
     truncate_after=N  close after N pieces without ending the chunked body
@@ -376,14 +378,30 @@ class Handler(BaseHTTPRequestHandler):
             delta = lambda w: {"index": 0, "text": w, "finish_reason": None}
             last = {"index": 0, "text": "", "finish_reason": "stop"}
             obj = "text_completion"
+        tool = knobs.get("tool_call") if kind == "chat" else None
+        if tool:
+            whole = {"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": tool, "arguments": '{"city": "Paris"}'}}]}}
         if not request.get("stream"):
             return self._send_json(200, dict(base, object=obj, choices=[whole], usage=usage))
         chunk_obj = obj + ".chunk" if kind == "chat" else obj
-        events = [dict(base, object=chunk_obj, choices=[delta(w)]) for w in words]
+        if tool:
+            fragments = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": tool, "arguments": ""}},
+                         {"index": 0, "function": {"arguments": '{"city": '}},
+                         {"index": 0, "function": {"arguments": '"Paris"}'}}]
+            events = [dict(base, object=chunk_obj, choices=[{"index": 0, "delta": {"tool_calls": [f]},
+                                                             "finish_reason": None}]) for f in fragments]
+            last = {"index": 0, "delta": {}, "finish_reason": "tool_calls"}
+        else:
+            events = [dict(base, object=chunk_obj, choices=[delta(w)]) for w in words]
         events.append(dict(base, object=chunk_obj, choices=[last]))
         if (request.get("stream_options") or {}).get("include_usage"):
             events.append(dict(base, object=chunk_obj, choices=[], usage=usage))
         pieces = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+        if "sse_error_after" in knobs:
+            n = int(knobs["sse_error_after"])
+            pieces = pieces[:n] + [b'data: {"error": {"message": "cloud overloaded", "type": "server_error"}}\n\n']
         self._stream("text/event-stream", pieces, knobs)
 
     def v1_chat(self, request, knobs):
