@@ -121,8 +121,9 @@ def test_upstream_accepting_and_never_answering(gw, stub):
     def case():
         started = time.monotonic()
         answer = gw.post("/api/chat", json=CHAT, headers={"X-Stub": "never=1", "X-Task-Id": "never-1"})
-        assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout"
-        assert 0.9 < time.monotonic() - started < 3
+        took = time.monotonic() - started
+        assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout", answer.text
+        assert 0.9 < took < 3, took
         assert gw.status("never-1").json()["stage"] == "timeout"
 
     with no_leaks(gw, run_thrice(case)):
@@ -250,11 +251,14 @@ def test_slow_reader_is_dropped_without_buffering_for_it(gw, stub):
     body = json.dumps(CHAT).encode()
     sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Task-Id: slow-reader\r\nX-Stub: chunks=400,"
                  b"chunk_bytes=65536\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    deadline = time.monotonic() + 8
+    # The kernel buffers (megabytes on loopback) fill first, then 2 s of a
+    # blocked send drop the client; on a loaded machine filling takes longer.
+    started = time.monotonic()
+    deadline = started + 25
     while time.monotonic() < deadline and gw.slots()[0]["state"] == "held":
         sock.recv(1)
         time.sleep(0.5)
-    assert gw.slots()[0]["state"] == "free"
+    assert gw.slots()[0]["state"] == "free", "still held after %.1f s" % (time.monotonic() - started)
     [record] = stub.requests_to("/api/chat")
     assert stub.wait_for(lambda: record.hangup_at is not None, 3)
     assert record.pieces_sent < 400  # the upstream was stopped, not read to the end into memory

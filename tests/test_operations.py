@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, GatewayProcess, free_port, wait_until
 from test_slot_and_cancel import CHAT, raw_request
-from test_status import session_on_other_worker
+from test_status import session_on_other_worker, session_on_worker
 
 
 def metric_samples(text, name):
@@ -26,8 +26,8 @@ def metric_samples(text, name):
 
 def test_metrics_add_up_over_both_workers(start_gateway, stub):
     gateway = start_gateway()
-    pinned = requests.Session()
-    pid = pinned.get(gateway.url + "/healthz", timeout=5).json()["pid"]
+    pid = gateway.worker_pids()[0]
+    pinned = session_on_worker(gateway, pid)
     for _ in range(7):  # all on one worker
         assert pinned.post(gateway.url + "/api/chat", json=dict(CHAT, stream=False), timeout=5).status_code == 200
     holder = raw_request(gateway, "/api/chat", CHAT, [("X-Stub", "stall=30")])

@@ -2,6 +2,8 @@
 and in the embedded SQLite file alike (the same tests run on both)."""
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -197,14 +199,25 @@ def test_finished_tasks_expire_after_ttl_done(start_gateway, stub, request, stor
 # ---------------------------------------------------------------- cancel and duplicates
 
 
+def session_on_worker(gateway, pid):
+    """A kept-alive connection served by worker ``pid``. Which worker
+    accepts a new connection is a race, so the others are paused (SIGSTOP)
+    for the moment it takes to connect: a stopped worker cannot accept."""
+    others = [p for p in gateway.worker_pids() if p != pid]
+    for other in others:
+        os.kill(other, signal.SIGSTOP)
+    try:
+        session = requests.Session()
+        assert session.get(gateway.url + "/healthz", timeout=5).json()["pid"] == pid
+    finally:
+        for other in others:
+            os.kill(other, signal.SIGCONT)
+    return session
+
+
 def session_on_other_worker(gateway, pid):
     """A kept-alive connection served by a worker other than ``pid``."""
-    for _ in range(50):
-        session = requests.Session()
-        if session.get(gateway.url + "/healthz", timeout=5).json()["pid"] != pid:
-            return session
-        session.close()
-    raise AssertionError("could not reach the other worker")
+    return session_on_worker(gateway, next(p for p in gateway.worker_pids() if p != pid))
 
 
 @pytest.mark.parametrize("where", ["other worker", "same worker"])
@@ -217,9 +230,7 @@ def test_delete_cancels_a_running_task_from_any_worker(any_store_gateway, stub, 
     if where == "other worker":
         session = session_on_other_worker(gateway, holder_pid)
     else:
-        session = requests.Session()
-        while session.get(gateway.url + "/healthz", timeout=5).json()["pid"] != holder_pid:
-            session = requests.Session()
+        session = session_on_worker(gateway, holder_pid)
     started = time.monotonic()
     answer = session.delete(gateway.url + "/tasks/cancel-me", timeout=5)
     assert answer.status_code == 200, answer.text
