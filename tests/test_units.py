@@ -1,0 +1,108 @@
+"""Small pieces without sockets: PEP 3333 conformance, parsing, translation."""
+
+import io
+import json
+import os
+import tempfile
+import wsgiref.validate
+
+os.environ.setdefault("STATE_DIR", tempfile.mkdtemp(prefix="edgegate-units-"))
+
+import pytest  # noqa: E402
+
+import gateway  # noqa: E402
+from gateway import Config, ConfigError  # noqa: E402
+
+
+def call(app, path, method="GET", body=b"", headers=None):
+    environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.version": (1, 0), "wsgi.url_scheme": "http",
+               "wsgi.input": io.BytesIO(body), "wsgi.errors": io.StringIO(), "wsgi.multithread": True,
+               "wsgi.multiprocess": True, "wsgi.run_once": False, "CONTENT_LENGTH": str(len(body))}
+    environ.update(headers or {})
+    seen = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        seen["status"], seen["headers"] = status, dict(response_headers)
+
+    result = app(environ, start_response)
+    body = b"".join(result)
+    result.close()
+    return seen["status"], seen["headers"], body
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    config = Config.from_environ({"STATE_DIR": str(tmp_path_factory.mktemp("state")),
+                                  "UPSTREAM_BASE": "http://127.0.0.1:9"})
+    return wsgiref.validate.validator(gateway.Gateway(config))
+
+
+def test_own_routes_conform_to_pep_3333(validated):
+    assert call(validated, "/healthz")[0] == "200 OK"
+    status, headers, body = call(validated, "/nowhere")
+    assert status.startswith("404") and json.loads(body)["error"]["code"] == "not_found"
+    assert call(validated, "/slots")[0] == "200 OK"
+
+
+def test_proxied_errors_conform_to_pep_3333(validated):
+    status, headers, body = call(validated, "/api/chat", "POST", b"{not json")
+    assert status.startswith("400") and headers["X-Task-Id"]
+    status, _, body = call(validated, "/api/chat", "POST", b'{"model": "m"}')  # nothing listens on port 9
+    assert status.startswith("503") and json.loads(body)["error"]["code"] == "upstream_unreachable"
+
+
+@pytest.mark.parametrize("value,seconds", [("30s", 30), ("5m", 300), ("1h30m", 5400), ("1.5h", 5400), (10, 10),
+                                           ("10", 10), (-1, float("inf")), ("-1m", float("inf")), ("0", 0),
+                                           ("soon", None), (True, None), ("5x", None)])
+def test_keep_alive_durations(value, seconds):
+    assert gateway.keep_alive_seconds(value) == seconds
+
+
+def test_model_lifetimes_skip_a_load_call_only_when_it_changes_nothing():
+    lifetimes = gateway.ModelLifetimes()
+    assert lifetimes.needed("m", "30s")
+    lifetimes.used("m", "30s")
+    assert not lifetimes.needed("m", "30s")
+    assert lifetimes.needed("m", "1h")  # another lifetime
+    assert lifetimes.needed("other", "30s")
+    assert not lifetimes.needed("m", 0)  # never unload on the gateway's own account
+    lifetimes.native_api_missing = True
+    assert not lifetimes.needed("other", "30s")
+
+
+def test_token_counts_from_the_tail_of_each_shape():
+    sse = b'data: {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 22}}\n\ndata: [DONE]\n\n'
+    ndjson = b'{"done": true, "prompt_eval_count": 5, "eval_count": 6}\n'
+    assert gateway.token_counts(sse) == {"prompt_tokens": 11, "completion_tokens": 22}
+    assert gateway.token_counts(ndjson) == {"prompt_tokens": 5, "completion_tokens": 6}
+    assert gateway.token_counts(b'{"content": "the word \\"eval_count\\": 3 in text"}') == {}
+
+
+def test_cloud_stream_translation_survives_any_chunking():
+    events = [{"choices": [{"delta": {"content": "Hel"}}]}, {"choices": [{"delta": {"content": "lo"}}]},
+              {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{\"a\""}}]}}]},
+              {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
+                            "finish_reason": "tool_calls"}]},
+              {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}]
+    wire = b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in events) + b"data: [DONE]\r\n\r\n"
+    for size in (1, 7, 64, len(wire)):
+        chunks = [wire[i:i + size] for i in range(0, len(wire), size)]
+        lines = [json.loads(line) for line in b"".join(gateway.openai_stream_to_ollama(iter(chunks), "openai/x")).splitlines()]
+        assert [line["message"]["content"] for line in lines[:2]] == ["Hel", "lo"]
+        assert lines[2]["message"]["tool_calls"] == [{"function": {"name": "f", "arguments": {"a": 1}}}]
+        assert (lines[-1]["done"], lines[-1]["prompt_eval_count"], lines[-1]["eval_count"]) == (True, 3, 4)
+
+
+def test_cloud_stream_without_done_is_an_error():
+    with pytest.raises(gateway.CloudError):
+        list(gateway.openai_stream_to_ollama(iter([b'data: {"choices": []}\n\n']), "openai/x"))
+
+
+def test_config_errors_name_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match=r"^UPSTREAM_RETRIES='many': expected a whole number$"):
+        Config.from_environ({"STATE_DIR": str(tmp_path), "UPSTREAM_RETRIES": "many"})
+    config = Config.from_environ({"STATE_DIR": str(tmp_path), "OLLAMA_BASE_URL": "http://gpu-box:11434/",
+                                  "PROVIDER_TIMEOUT_SECONDS": "90", "MODEL_ALIASES": " a, b ,"})
+    assert (config.upstream_base, config.read_timeout_s, config.model_aliases) == ("http://gpu-box:11434", 90.0,
+                                                                                   ("a", "b"))
