@@ -7,7 +7,8 @@ per-request task status (``status.py``) and one error envelope. The contract
 is SPEC.md; this file reads top to bottom in the order a request meets it:
 
     configuration -> errors -> GPU slots -> upstream transport -> watcher
-    -> request body -> keep_alive load calls -> response relay -> the app
+    -> request body -> keep_alive load calls -> response relay -> one exchange
+    -> cloud route -> metrics -> the app -> entry points (``python -m gateway check``)
 
 Every request to ``/v1/*`` or ``/api/*`` goes through ``Gateway.proxy``:
 check the key, name the task, refuse what must be refused, read and adjust
@@ -15,9 +16,7 @@ the body, take the GPU slot, forward, and stream the answer back while a
 watcher thread listens for a client that goes away or a DELETE that cancels.
 """
 
-import collections
 import dataclasses
-import errno
 import fcntl
 import hmac
 import json
@@ -41,7 +40,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 import status
-from status import FAILED, PENDING, RUNNING, SUCCESS
+from status import FAILED, RUNNING, SUCCESS
 
 log = logging.getLogger("edgegate")
 
@@ -782,6 +781,7 @@ class ModelLifetimes:
 # ================================================================ response relay
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
+NDJSON_DONE_RE = re.compile(rb'"done"\s*:\s*true')
 USAGE_RE = {
     "prompt_tokens": re.compile(rb'"(?:prompt_tokens|prompt_eval_count)"\s*:\s*(\d+)'),
     "completion_tokens": re.compile(rb'"(?:completion_tokens|eval_count|output_tokens)"\s*:\s*(\d+)'),
@@ -883,6 +883,7 @@ class Relay:
         self.stream_format = stream_format  # "sse", "ndjson" or None
         self.translate = translate  # chunks -> chunks (the cloud route's SSE -> NDJSON)
         self.length = None if translate else _content_length(upstream)
+        self.tail = b""  # the last bytes relayed: token counts and end markers are read from it
         self.stop = threading.Event()
         self._body = self._relay()
         exchange.metrics.streams(+1)
@@ -896,6 +897,8 @@ class Relay:
         self.stop.set()
         try:
             self._body.close()
+            if not self.exchange.task.finished and answer_is_complete(self.tail, self.stream_format):
+                self.exchange.succeed(token_counts(self.tail))
         finally:
             self.exchange.metrics.streams(-1)
             self.exchange.close()
@@ -922,7 +925,8 @@ class Relay:
             chunks = read_ahead(chunks, self.stop, keepalive_every=exchange.config.heartbeat_sec)
         elif self.stream_format == "ndjson" or self.length is None:
             chunks = read_ahead(chunks, self.stop)
-        sent, tail = 0, b""
+        sent = 0
+        self.tail = b""
         # An empty first item makes gunicorn send the status line and headers
         # now (gunicorn/http/wsgi.py, Response.write), so the client knows its
         # request was taken while the model is still thinking.
@@ -935,15 +939,19 @@ class Relay:
                 if exchange.first_byte_at is None:
                     exchange.first_byte_arrived()
                 sent += len(chunk)
-                tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (tail + chunk)[-TAIL_BYTES:]
+                tail = self.tail
+                self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (tail + chunk)[-TAIL_BYTES:]
                 if self.length is not None and sent >= self.length:
-                    exchange.succeed(token_counts(tail))
+                    exchange.succeed(token_counts(self.tail))
                 yield chunk
             if self.length is not None and sent < self.length:
                 raise requests.exceptions.ChunkedEncodingError("upstream closed after %d of %d bytes"
                                                                % (sent, self.length))
-            exchange.succeed(token_counts(tail))
+            exchange.succeed(token_counts(self.tail))
         except Exception as error:  # the upstream failed (or was cut) mid-response
+            if answer_is_complete(self.tail, self.stream_format):
+                exchange.succeed(token_counts(self.tail))
+                return
             failure = exchange.upstream_failure(error)
             event = self._error_event(failure)
             if event and exchange.call.reason != "client_gone":
@@ -958,6 +966,19 @@ class Relay:
         if self.stream_format == "ndjson":
             return json.dumps({"error": failure.message}).encode() + b"\n"
         return None
+
+
+def answer_is_complete(tail, stream_format):
+    """Whether a stream's own end marker has passed: ``data: [DONE]`` for
+    SSE, a last line with ``"done": true`` for NDJSON. A client may close
+    right after it (the OpenAI SDK does) before the upstream has ended its
+    chunked body; its answer was complete all the same."""
+    if stream_format == "sse":
+        return tail.rstrip().endswith(b"data: [DONE]")
+    if stream_format == "ndjson":
+        lines = tail.rstrip().rsplit(b"\n", 1)
+        return bool(NDJSON_DONE_RE.search(lines[-1]))
+    return False
 
 
 def _content_length(response):
@@ -1490,7 +1511,8 @@ class Gateway:
     def proxy(self, environ, start_response, path, method):
         task_id = self.task_id_of(environ)
         if path.rstrip("/") != posixpath.normpath(path):
-            raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
+            return error_response(start_response, GatewayError(
+                400, "invalid_request", "the path must not contain '.', '..' or '//' segments"), task_id)
         provider = "ollama"
         task = status.Task(self.board, task_id, self.config.algorithm_id, method, path)
         inference = method == "POST" and path in INFERENCE_PATHS
@@ -1522,8 +1544,8 @@ class Gateway:
         except GatewayError as error:
             exchange.close(error)
             return error_response(start_response, error, task_id)
-        except BaseException:
-            exchange.close(GatewayError(500, "internal_error", "the gateway failed", stage="upstream_error"))
+        except BaseException:  # a bug of ours: release everything, then __call__ answers 500
+            exchange.close(GatewayError(500, "internal_error", "the gateway failed", stage="internal_error"))
             raise
 
     def to_cloud(self, environ, start_response, exchange, path, document):
@@ -1626,7 +1648,7 @@ class Gateway:
         try:
             answer = self.upstream.send("POST", load_path, headers,
                                         json.dumps({"model": model, "keep_alive": keep_alive}).encode())
-            answer.content  # read it all: the connection goes back to the pool
+            _ = answer.content  # read it all, so that the connection goes back to the pool
         except requests.RequestException:
             return  # the request itself will meet the same problem and report it
         if answer.status_code == 404 and not _ollama_error(answer):
@@ -1709,7 +1731,7 @@ class Gateway:
         try:
             answer = self.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-readyz"},
                                         timeout=(1.0, 1.0))
-            answer.content
+            _ = answer.content  # read it all, so that the connection goes back to the pool
             if answer.status_code >= 500:
                 problems.append(("upstream", "the upstream answered %d to /api/version" % answer.status_code))
         except requests.RequestException as error:

@@ -428,7 +428,7 @@ def main():
         table = []
 
         # 1 and 8: added latency of a small non-streamed request, with each store
-        for name, url in targets.items():
+        for url in targets.values():
             sequential_latency(url, 50)  # warm up connections and the load-call cache
         lat = interleaved(targets, rounds, lambda url: sequential_latency(url, n))
         p50 = {k: statistics.median(percentile(r, 50) for r in v) for k, v in lat.items()}
@@ -462,9 +462,9 @@ def main():
             for label, path, method, body in (("GET /v1/models", "/v1/models", "GET", b""),
                                               ("small POST /api/chat", "/api/chat", "POST", SMALL_CHAT)):
                 for concurrency in (1, 8, 32):
-                    runs = interleaved(targets, max(2, rounds // 2),
-                                       lambda url: wrk_rps(url, path, method, body, concurrency, rps_seconds,
-                                                           procs.tmp))
+                    def measure(url, path=path, method=method, body=body, concurrency=concurrency):
+                        return wrk_rps(url, path, method, body, concurrency, rps_seconds, procs.tmp)
+                    runs = interleaved(targets, max(2, rounds // 2), measure)
                     for k, v in runs.items():
                         rps = statistics.median(r[0] for r in v)
                         bad = sum(r[1] for r in v)

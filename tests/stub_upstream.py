@@ -12,6 +12,8 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     word=W            each piece is the text W
     tool_call=NAME    /v1 chat answers with a call of tool NAME (streamed in fragments)
     sse_error_after=N an SSE stream sends an error event after N events
+    linger=S          wait S seconds after the last piece before ending the chunked body
+                      (as llama.cpp's server does after data: [DONE])
     status=C          answer with status C and an error body in the route's shape
     reset_after=N     reset the connection (RST) after N pieces; 0 = before headers
     truncate_after=N  close after N pieces without ending the chunked body
@@ -290,6 +292,8 @@ class Handler(BaseHTTPRequestHandler):
             if not self._write_chunk(piece):
                 return
             self.record.pieces_sent += 1
+        if not self._sleep_watching(float(knobs.get("linger", 0))):
+            return
         self._write_chunk(b"")
 
     def _words(self, knobs):

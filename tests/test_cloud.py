@@ -7,7 +7,6 @@ import json
 import ollama
 import openai
 import pytest
-import requests
 
 from conftest import wait_until
 from stub_upstream import StubServer

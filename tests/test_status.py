@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import openai
 import pytest
 import requests
 
@@ -90,6 +91,26 @@ def test_openai_usage_is_recorded_from_the_stream_and_the_body(any_store_gateway
     for task_id, completion in (("usage-sse", 4), ("usage-json", 5)):
         ext = gateway.status(task_id).json()["extensions"]
         assert (ext["prompt_tokens"], ext["completion_tokens"]) == (7, completion)
+
+
+def test_a_client_that_leaves_after_the_end_marker_got_a_complete_answer(any_store_gateway, stub):
+    """The OpenAI SDK closes its connection at data: [DONE]; an engine may
+    end its chunked body a moment later. The answer was complete: SUCCESS."""
+    gateway = any_store_gateway
+    client = openai.OpenAI(base_url=gateway.url + "/v1/", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(model="llama3.2", messages=CHAT["messages"], stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_headers={"X-Task-Id": "done-then-gone", "X-Stub": "linger=2"})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hello from the"
+    document = gateway.wait_state("done-then-gone", {"SUCCESS", "FAILED"}, timeout=3)
+    assert (document["state"], document["extensions"]["completion_tokens"]) == ("SUCCESS", 3)
+    # and a stream cut before its end marker is still a client that went away
+    sock = raw_request(gateway, "/api/chat", CHAT, [("X-Task-Id", "gone-early"),
+                                                    ("X-Stub", "chunks=50,chunk_delay=0.05")])
+    assert b"200 OK" in sock.recv(65536)
+    time.sleep(0.3)
+    sock.close()
+    assert gateway.wait_state("gone-early", {"SUCCESS", "FAILED"})["stage"] == "cancelled"
 
 
 @pytest.mark.parametrize("headers,body,stage", [
