@@ -67,9 +67,11 @@ def redis_binary():
 
 
 class RedisServer:
-    def __init__(self):
+    def __init__(self, *extra_args):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="edgegate-redis-")
+        self.extra_args = list(extra_args)
+        self.password = None
         self.process = None
 
     @property
@@ -79,7 +81,7 @@ class RedisServer:
     def start(self):
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
+             "--appendonly", "no", "--dir", self.dir] + self.extra_args,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         assert wait_until(self._answers, 10), "redis-server did not start"
@@ -91,9 +93,9 @@ class RedisServer:
         except Exception:
             return False
 
-    def client(self):
+    def client(self, db=0):
         import redis
-        return redis.Redis.from_url(self.url, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password, socket_timeout=2)
 
     def stop(self):
         if self.process and self.process.poll() is None:

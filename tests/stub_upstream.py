@@ -57,6 +57,7 @@ class Record:
         self.hangup_at = None
         self.finished_at = None
         self.pieces_sent = 0
+        self.sent_at = []  # time.monotonic() after each streamed piece was written
 
     def json(self):
         return json.loads(self.body)
@@ -291,6 +292,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if not self._write_chunk(piece):
                 return
+            self.record.sent_at.append(time.monotonic())
             self.record.pieces_sent += 1
         if not self._sleep_watching(float(knobs.get("linger", 0))):
             return

@@ -174,12 +174,16 @@ def test_task_is_pollable_while_it_runs(client, engine_gateway):
     assert seen[-1] == ("SUCCESS", "completed")
 
 
-def test_ollama_only_calls_are_noticed_once_and_v1_keeps_working(client, engine_gateway):
+def test_ollama_only_calls_are_noticed_once_and_v1_keeps_working(client, engine, engine_gateway):
     for _ in range(3):
         answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                                 max_tokens=4)
         assert answer.choices
     log = engine_gateway.read_log()
     assert log.count("does not speak Ollama's native API") == 1  # one worker: noticed and logged once
+    engine.log.flush()
+    engine_log = open(engine.log_path, errors="replace").read()
+    assert engine_log.count('"POST /api/generate HTTP/1.1" 404') == 1  # the engine saw one load call, no more
+    assert engine_log.count('"POST /v1/chat/completions HTTP/1.1" 200') >= 3
     native = engine_gateway.post("/api/chat", json={"model": MODEL, "messages": ASK})
     assert native.status_code == 404  # the engine's own answer, passed on

@@ -340,36 +340,40 @@ def raw_exchange(gateway, data, wait=0.5):
 
 
 def test_header_injection_in_task_id_is_refused(gw, stub):
-    for value in (b"abc%0d%0aX-Evil: 1", b"abc\tdef", b"../../etc/passwd", b"a" * 200):
-        reply = raw_exchange(gw, b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Task-Id: " + value + b"\r\n\r\n")
-        head = reply.split(b"\r\n\r\n")[0]
-        assert head.startswith(b"HTTP/1.1 400 ")
-        assert b"X-Evil" not in head and b"X-Task-Id" not in head
+    with no_leaks(gw):
+        for value in (b"abc%0d%0aX-Evil: 1", b"abc\tdef", b"../../etc/passwd", b"a" * 200):
+            reply = raw_exchange(gw, b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Task-Id: " + value + b"\r\n\r\n")
+            head = reply.split(b"\r\n\r\n")[0]
+            assert head.startswith(b"HTTP/1.1 400 ")
+            assert b"X-Evil" not in head and b"X-Task-Id" not in head
 
 
 def test_path_traversal_in_task_routes(gw, stub):
-    for path in (b"/tasks/status/../../etc/passwd", b"/tasks/status/..%2F..%2Fetc%2Fpasswd",
-                 b"/tasks/status/%2e%2e", b"/tasks/..%2Fslots"):
-        reply = raw_exchange(gw, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert reply.split(b" ")[1] in (b"400", b"404"), reply[:100]
-        assert b"root:" not in reply
+    with no_leaks(gw):
+        for path in (b"/tasks/status/../../etc/passwd", b"/tasks/status/..%2F..%2Fetc%2Fpasswd",
+                     b"/tasks/status/%2e%2e", b"/tasks/..%2Fslots"):
+            reply = raw_exchange(gw, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert reply.split(b" ")[1] in (b"400", b"404"), reply[:100]
+            assert b"root:" not in reply
 
 
 def test_http10_client_gets_an_unchunked_stream(gw, stub):
-    body = json.dumps(CHAT).encode()
-    reply = raw_exchange(gw, b"POST /api/chat HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), 2)
-    head, _, rest = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
-    assert b"chunked" not in head.lower()
-    assert [json.loads(line)["done"] for line in rest.splitlines()] == [False, False, False, True]
+    with no_leaks(gw):
+        body = json.dumps(CHAT).encode()
+        reply = raw_exchange(gw, b"POST /api/chat HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), 2)
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+        assert b"chunked" not in head.lower()
+        assert [json.loads(line)["done"] for line in rest.splitlines()] == [False, False, False, True]
 
 
 def test_pipelined_requests_are_answered_in_order(gw, stub):
-    reply = raw_exchange(gw, b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
-                             b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Task-Id: piped-2\r\n\r\n", 1)
-    assert reply.count(b"HTTP/1.1 200 OK") == 2
-    assert reply.index(b'"version"') < reply.index(b'"models"')
-    assert b"X-Task-Id: piped-2" in reply
+    with no_leaks(gw):
+        reply = raw_exchange(gw, b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+                                 b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Task-Id: piped-2\r\n\r\n", 1)
+        assert reply.count(b"HTTP/1.1 200 OK") == 2
+        assert reply.index(b'"version"') < reply.index(b'"models"')
+        assert b"X-Task-Id: piped-2" in reply
 
 
 TASK_ID_CHARS = string.ascii_letters + string.digits + "._:-"

@@ -328,6 +328,45 @@ def test_redis_down_mid_run_does_not_hold_up_requests(start_gateway, stub):
         redis_server.stop()
 
 
+def test_redis_named_by_host_port_user_password_and_db(start_gateway, stub):
+    redis_server = RedisServer("--requirepass", "s3cret", "--user", "edge", "on", ">edge-pass", "~*", "&*", "+@all")
+    redis_server.password = "s3cret"
+    redis_server.start()
+    try:
+        gateway = start_gateway(REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_server.port), REDIS_USER="edge",
+                                REDIS_PASSWORD="edge-pass", REDIS_DB="3", WORKERS="1")
+        gateway.get("/api/tags", headers={"X-Task-Id": "by-host"})
+        assert gateway.status("by-host").json()["state"] == "SUCCESS"
+        stored = redis_server.client(db=3).get("ts:ollama:by-host")
+        assert json.loads(stored)["task_id"] == "by-host"
+        assert redis_server.client(db=0).get("ts:ollama:by-host") is None
+    finally:
+        redis_server.stop()
+
+
+def test_a_hung_redis_costs_one_timeout_then_nothing(start_gateway, stub):
+    """A Redis that accepts but never answers (here: stopped with SIGSTOP) is
+    worse than one that is down: every call would wait for its timeout. The
+    first request pays one short store timeout; then the cool-down spares
+    the rest."""
+    redis_server = RedisServer().start()
+    gateway = start_gateway(REDIS_URL=redis_server.url, WORKERS="1")
+    try:
+        assert gateway.get("/api/tags").status_code == 200  # connections made
+        redis_server.process.send_signal(signal.SIGSTOP)
+        took = []
+        for _ in range(8):
+            started = time.monotonic()
+            assert gateway.post("/api/chat", json=dict(CHAT, stream=False)).status_code == 200
+            took.append(time.monotonic() - started)
+        assert took[0] < 0.8, took  # the claim's 250 ms timeout (plus the final write's) at most
+        assert max(took[1:]) < 0.1, took  # in the cool-down the store is not asked
+        assert gateway.status("anything").json()["error"]["code"] == "store_unavailable"
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+        redis_server.stop()
+
+
 def test_status_writes_are_batched_not_per_chunk(redis_gateway, redis_server, stub):
     client = redis_server.client()
     client.config_resetstat()
