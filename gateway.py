@@ -585,10 +585,17 @@ class Watcher:
             try:
                 for key, _ in self.selector.select(timeout=0.1):
                     exchange = key.data
+                    with self.lock:
+                        # The event may be stale: that exchange ended and its
+                        # kept-alive socket now serves the next request.
+                        try:
+                            if self.selector.get_key(key.fileobj).data is not exchange:
+                                continue
+                        except (KeyError, ValueError):
+                            continue
+                        self._unregister(exchange)  # gone, or the client pipelined bytes: stop watching
                     if client_gone(exchange.client_socket):
                         exchange.abort("client_gone")
-                    with self.lock:  # gone, or the client pipelined bytes: stop watching it
-                        self._unregister(exchange)
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + self.TICK_S
                     self._tick()
@@ -772,6 +779,13 @@ class ModelLifetimes:
             return True
         return time.monotonic() - last[2] > seconds / 2
 
+    def native_api_gone(self):
+        """Note that the upstream lacks Ollama's native API; True only the
+        first time, so that it is logged once per worker."""
+        with self._lock:
+            first, self.native_api_missing = not self.native_api_missing, True
+        return first
+
     def used(self, model, keep_alive):
         if isinstance(model, str):
             with self._lock:
@@ -867,9 +881,9 @@ def read_ahead(chunks, stop, keepalive_every=None):
 class Relay:
     """The WSGI response body of a proxied request (PEP 3333 iterable).
 
-    It yields the upstream's bytes as they arrive (``read1`` with
-    ``decode_content=False``: chunk by chunk, no buffering, gzip left as it
-    came so ``Content-Length`` stays true). The task is finished, and the
+    It yields the upstream's bytes as they arrive (``http.client``'s
+    ``read1``: chunk by chunk, no buffering, never decoded, so gzip stays as
+    it came and ``Content-Length`` stays true). The task is finished, and the
     slot released, before the client can see the end of the response: for
     chunked bodies before the generator returns (gunicorn writes the last
     chunk after), for sized bodies before the last bytes are yielded.
@@ -1654,9 +1668,9 @@ class Gateway:
         if answer.status_code == 404 and not _ollama_error(answer):
             # Ollama's own 404 (unknown model) is {"error": "..."}; anything
             # else means the route itself is missing.
-            self.lifetimes.native_api_missing = True
-            log.warning("the upstream answered 404 to %s: it does not speak Ollama's native API; "
-                        "no more keep_alive load calls are sent", load_path)
+            if self.lifetimes.native_api_gone():
+                log.warning("the upstream answered 404 to %s: it does not speak Ollama's native API; "
+                            "no more keep_alive load calls are sent", load_path)
         elif answer.status_code < 400:
             self.lifetimes.used(model, keep_alive)
 
