@@ -109,8 +109,8 @@ def test_slot_wait_refuses_after_waiting(start_gateway, stub):
 
 def test_more_slots_admit_more_requests(start_gateway, stub):
     gateway = start_gateway(GPU_SLOTS="2")
-    socks = [hold_slot(gateway, stub, "two-%d" % n) for n in range(1)]
-    socks.append(raw_request(gateway, "/api/chat", CHAT, [("X-Stub", "stall=30")]))
+    socks = [hold_slot(gateway, stub, "two-0"),
+             raw_request(gateway, "/api/chat", CHAT, [("X-Stub", "stall=30"), ("X-Task-Id", "two-1")])]
     try:
         assert wait_until(lambda: [s["state"] for s in gateway.slots()] == ["held", "held"], 5)
         assert gateway.post("/api/chat", json=CHAT).status_code == 503
