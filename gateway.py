@@ -1456,7 +1456,6 @@ class Gateway:
             self.board = status.TaskBoard(status.open_store(self.config),
                                           on_failure=lambda: self.metrics.count("store_errors"))
             self.watcher = Watcher(self.board, self.config.heartbeat_sec)
-            self.lifetimes = ModelLifetimes()
             self._pid = os.getpid()
 
     # -- routing
@@ -1598,18 +1597,14 @@ class Gateway:
         upstream = exchange.upstream
         exchange.task.extensions["upstream_status"] = upstream.status_code
         task_id = exchange.task.task_id
-        if upstream.status_code >= 400 or not stream:
+        if upstream.status_code >= 400:  # in Ollama's error shape, which its clients parse
+            return json_response(start_response, upstream.status_code,
+                                 {"error": self.upstream_error_message(exchange)}, [("X-Task-Id", task_id)])
+        if not stream:
             try:
                 raw = upstream.raw.read(16 * 1024 * 1024, decode_content=True)
             except Exception as error:
                 raise exchange.upstream_failure(error)
-            if upstream.status_code >= 400:
-                message = _ollama_message(raw) or "the cloud answered %d" % upstream.status_code
-                exchange.release()
-                exchange.finish(FAILED, "upstream_error", message)
-                exchange.close()
-                return json_response(start_response, upstream.status_code, {"error": message},
-                                     [("X-Task-Id", task_id)])
             try:
                 answer = openai_answer_to_ollama(json.loads(raw), model, exchange.started)
             except (ValueError, AttributeError, TypeError) as error:
@@ -1703,21 +1698,25 @@ class Gateway:
                        headers)
         return relay
 
-    def enveloped_upstream_error(self, start_response, exchange):
-        """An upstream error on /v1: its status and message, in our envelope."""
+    def upstream_error_message(self, exchange):
+        """Read an upstream's error answer (1 MiB at most), end the task
+        with its message, release everything, and return the message."""
         upstream = exchange.upstream
         try:
             raw = upstream.raw.read(1024 * 1024, decode_content=True)
         except Exception as error:
-            failure = exchange.upstream_failure(error)
-            exchange.close()
-            return error_response(start_response, failure, exchange.task.task_id)
+            raise exchange.upstream_failure(error)
         message = _ollama_message(raw) or "the upstream answered %d" % upstream.status_code
-        error = GatewayError(upstream.status_code, _upstream_code(upstream.status_code), message,
-                             provider=exchange.provider, stage="upstream_error")
         exchange.release()
         exchange.finish(FAILED, "upstream_error", message)
         exchange.close()
+        return message
+
+    def enveloped_upstream_error(self, start_response, exchange):
+        """An upstream error on /v1: its status and message, in our envelope."""
+        status_code = exchange.upstream.status_code
+        error = GatewayError(status_code, _upstream_code(status_code), self.upstream_error_message(exchange),
+                             provider=exchange.provider, stage="upstream_error")
         return error_response(start_response, error, exchange.task.task_id)
 
     def busy_message(self):
