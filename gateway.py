@@ -609,6 +609,14 @@ class Watcher:
         if not exchanges:
             return
         status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
+        now = time.monotonic()
+        for exchange in exchanges:
+            since = exchange.writing_since
+            if since is not None and now - since > exchange.config.client_send_timeout_s:
+                # Slow readers: gunicorn's socket has no send timeout, so a
+                # client that stays connected but never reads would hold this
+                # request's thread (and slot) for ever.
+                exchange.drop_slow_client()
         cancelled = self.board.call("cancels_among", [e.task.task_id for e in exchanges], default=set())
         for exchange in exchanges:
             if exchange.task.task_id in cancelled:
@@ -903,7 +911,16 @@ class Relay:
         exchange.metrics.streams(+1)
 
     def __iter__(self):
-        return self._body
+        return self._handed_to_gunicorn()
+
+    def _handed_to_gunicorn(self):
+        """The body, noting since when gunicorn has been writing each piece:
+        the watcher drops a client that stops reading (see Watcher._tick)."""
+        exchange = self.exchange
+        for chunk in self._body:
+            exchange.writing_since = time.monotonic()
+            yield chunk
+            exchange.writing_since = None
 
     def close(self):
         if self.stop.is_set():
@@ -1037,6 +1054,7 @@ class Exchange:
         self.upstream = None
         self.started = time.monotonic()
         self.first_byte_at = None
+        self.writing_since = None  # set while gunicorn writes a piece of the answer to the client
         self.closed = False
         self._close_lock = threading.Lock()
         environ["edgegate.model"] = task.extensions.get("model") or "-"
@@ -1097,6 +1115,17 @@ class Exchange:
     def abort(self, reason):
         """From the watcher: the client left, or a DELETE cancelled the task."""
         self.call.abort(reason)
+
+    def drop_slow_client(self):
+        """From the watcher: the client has not taken a piece of its answer
+        for CLIENT_SEND_TIMEOUT_S. Cut both sides: gunicorn's blocked write
+        then fails with EPIPE (a client gone, logged at debug level only)."""
+        self.call.abort("client_gone")
+        if self.client_socket is not None:
+            try:
+                self.client_socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def finish(self, state, stage, message, **extensions):
         """The task's last state (only the first call counts)."""
@@ -1689,11 +1718,6 @@ class Gateway:
         headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
         headers.append(("X-Task-Id", exchange.task.task_id))
         relay = Relay(exchange, upstream, stream_format(upstream))
-        sock = exchange.client_socket
-        if sock is not None:
-            # Slow readers: gunicorn's socket has no send timeout, so a client
-            # that stays connected but never reads would hold this thread.
-            sock.settimeout(self.config.client_send_timeout_s)
         start_response("%d %s" % (upstream.status_code, upstream.reason or REASONS.get(upstream.status_code, "")),
                        headers)
         return relay
