@@ -1611,12 +1611,7 @@ class Gateway:
             body = dict(document, model=model)
             target = upstream_target(environ, path)
         exchange.task.set(RUNNING, "forwarding", "forwarded to the cloud (openai)")
-        try:
-            exchange.upstream = self.cloud.send("POST", target, headers, json.dumps(body).encode())
-        except requests.RequestException as error:
-            if exchange.call.reason:
-                raise exchange.abort_error()
-            raise upstream_error(error, "openai", self.retry_after)
+        exchange.upstream = self.send(exchange, self.cloud, "POST", target, headers, json.dumps(body).encode())
         if path != "/api/chat":
             return self.respond(start_response, exchange, path)
         return self.respond_as_ollama_chat(start_response, exchange, document["model"], body["stream"])
@@ -1702,9 +1697,14 @@ class Gateway:
         """Send the request upstream; the response comes back unread."""
         if not body and not environ.get("CONTENT_LENGTH"):
             body = None  # the client sent no body: no Content-Length either
+        return self.send(exchange, self.upstream, method, upstream_target(environ, path),
+                         forwarded_headers(environ, bool(self.config.api_keys)), body)
+
+    def send(self, exchange, upstream, method, target, headers, body):
+        """``upstream.send``, its failure named once: the client's hang-up
+        or a DELETE if the exchange was aborted, else what the upstream did."""
         try:
-            return self.upstream.send(method, upstream_target(environ, path),
-                                      forwarded_headers(environ, bool(self.config.api_keys)), body)
+            return upstream.send(method, target, headers, body)
         except requests.RequestException as error:
             if exchange.call.reason:
                 raise exchange.abort_error()
