@@ -3,19 +3,29 @@
 Run it with ``gunicorn -c gunicorn.conf.py gateway:app``. Clients (the OpenAI
 SDK, the ``ollama`` client, curl) change only their base URL. Between client
 and Ollama the gateway adds one shared GPU slot, a ``keep_alive`` default,
-per-request task status (``status.py``) and one error envelope. The contract
-is SPEC.md; this file reads top to bottom in the order a request meets it:
+per-request task status (``status.py``) and one error envelope. The README is
+the contract; this file reads top to bottom in the order a request meets it:
 
-    configuration -> errors -> GPU slots -> upstream transport -> watcher
-    -> request body -> keep_alive load calls -> response relay -> one exchange
-    -> cloud route -> metrics -> the app -> entry points (``python -m gateway check``)
+     1. configuration         ``Config``, read once from the environment
+     2. the WSGI entry        ``Gateway.__call__``: the key, the route, and
+                              ``proxy``: every step of a proxied request, in order
+     3. the body              read, checked, and its two changes (model, keep_alive)
+     4. the GPU slot          a flock on ``slot-<n>.lock``
+     5. the upstream call     the keep_alive load call, then the request itself
+     6. relaying the answer   chunk by chunk, SSE keep-alives, token counts
+     7. the watcher           a client that left, a DELETE, a slow reader
+     8. the ending            ``Exchange.close``: where every request ends
+     9. the gateway's routes  /tasks, /slots, /readyz, /metrics
+    10. metrics
+    11. the cloud route       ``openai/<model>``, behind one seam (``Forward``)
+    12. entry points          ``app`` and ``python -m gateway check``
 
-Every request to ``/v1/*`` or ``/api/*`` goes through ``Gateway.proxy``:
-check the key, name the task, refuse what must be refused, read and adjust
-the body, take the GPU slot, forward, and stream the answer back while a
-watcher thread listens for a client that goes away or a DELETE that cancels.
+The two questions an auditor asks -- is the GPU slot always freed, and does
+every task end with a final state? -- are answered in one place:
+``Exchange.close``, which every request goes through exactly once.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import hmac
@@ -43,8 +53,9 @@ import status
 from status import FAILED, RUNNING, SUCCESS
 
 log = logging.getLogger("edgegate")
+access_log = logging.getLogger("edgegate.access")  # one line per request, written by Exchange.close
 
-# ================================================================ configuration
+# ================================================================ 1. configuration
 
 
 class ConfigError(Exception):
@@ -140,7 +151,7 @@ def _directory(env, name, default):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting of the gateway, read once from the environment (SPEC 9)."""
+    """Every setting of the gateway, read once from the environment (README, "Configuration")."""
 
     upstream_base: str
     connect_timeout_s: float
@@ -219,11 +230,23 @@ class Config:
         )
 
 
-# ================================================================ errors
+def load_config():
+    """The configuration, or one line on stderr and exit 2."""
+    try:
+        return Config.from_environ()
+    except ConfigError as error:
+        print("edgegate: configuration error: %s" % error, file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ================================================================ 2. the WSGI entry
 
 
 class GatewayError(Exception):
-    """Something the gateway refuses or fails at; becomes one envelope (SPEC 6)."""
+    """Something the gateway refuses or fails at. Raised by any step, it ends
+    the exchange (``Exchange.fail``) as one error answer in the shape the
+    route's clients read (``error_document``) and, for a task, as FAILED with
+    ``stage``."""
 
     def __init__(self, status, code, message, provider="gateway", headers=(), stage="bad_request"):
         super().__init__(message)
@@ -232,42 +255,265 @@ class GatewayError(Exception):
         self.message = message
         self.provider = provider
         self.headers = list(headers)
-        self.stage = stage  # the task's stage when this error ends it
+        self.stage = stage
 
 
-REASONS = {
-    200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-    404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}
+def error_document(path, error, task_id):
+    """The one error body of the gateway (README, "Errors"): OpenAI's shape
+    plus ``provider`` and ``task_id``."""
+    return {"error": {"message": error.message, "type": error.code, "code": error.code, "param": None,
+                      "provider": error.provider, "task_id": task_id}}
 
 
-def status_line(code):
-    return "%d %s" % (code, REASONS.get(code, "Unknown"))
+class Gateway:
+    """The WSGI application: per worker process, the services every request
+    uses (the GPU slots, the upstream, the task board, the watcher, metrics).
+
+        from gateway import Gateway, Config
+        app = Gateway(Config.from_environ())
+
+    Nothing starts at construction: threads, connections and the store come
+    up on the first request in each worker process, after gunicorn's fork.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.slots = GpuSlots(config.gpu_lock_dir, config.gpu_slots)
+        self.retry_after = [("Retry-After", str(config.retry_after_s))]
+        self.lifetimes = ModelLifetimes()
+        self.upstream = Upstream(config.upstream_base, config.connect_timeout_s, config.read_timeout_s,
+                                 config.upstream_retries)
+        self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
+                              config.upstream_retries)
+        self._pid = None
+        self._start_lock = threading.Lock()
+
+    def _start_in_this_process(self):
+        with self._start_lock:
+            if self._pid == os.getpid():
+                return
+            self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
+            self.board = status.TaskBoard(status.open_store(self.config),
+                                          on_failure=lambda: self.metrics.count("store_errors"))
+            self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
+            self._pid = os.getpid()
+
+    def __call__(self, environ, start_response):
+        if self._pid != os.getpid():
+            self._start_in_this_process()
+        exchange = Exchange(self, environ, start_response)
+        try:
+            return self.route(exchange)
+        except Exception:  # a bug of ours: the exchange still ends, with one envelope, never a bare 500
+            log.exception("internal error on %s %s", exchange.method, printable(exchange.path))
+            return exchange.fail(GatewayError(500, "internal_error", "the gateway failed on this request; "
+                                              "see its log", stage="internal_error"), sys.exc_info())
+
+    def route(self, exchange):
+        path = exchange.path
+        try:
+            if path == "/healthz":
+                return exchange.answer(200, {"status": "ok", "pid": os.getpid()})
+            check_api_key(self.config, exchange.environ)
+            if path.startswith(("/v1/", "/api/")):
+                return proxy(self, exchange)
+            return own_route(self, exchange)
+        except GatewayError as error:
+            return exchange.fail(error)
+        except status.StoreUnavailable as error:
+            return exchange.fail(GatewayError(503, "store_unavailable", str(error), provider=error.provider))
 
 
-def envelope(code, message, provider, task_id, param=None):
-    """The one error body of the gateway: OpenAI's shape plus provider and task_id."""
-    return {"error": {"message": message, "type": code, "code": code, "param": param,
-                      "provider": provider, "task_id": task_id}}
+def check_api_key(config, environ):
+    """GATEWAY_API_KEYS: ``Authorization: Bearer`` or ``X-API-Key``, in constant time."""
+    if not config.api_keys:
+        return
+    offered = environ.get("HTTP_X_API_KEY", "")
+    authorization = environ.get("HTTP_AUTHORIZATION", "")
+    if authorization[:7].lower() == "bearer ":
+        offered = authorization[7:].strip()
+    offered = offered.encode("utf-8", "replace")
+    match = False
+    for key in config.api_keys:  # no early exit: the same time whichever key matches
+        match |= hmac.compare_digest(offered, key)
+    if not match:
+        raise GatewayError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
+                           headers=[("WWW-Authenticate", "Bearer")])
 
 
-def json_response(start_response, code, document, headers=()):
-    body = json.dumps(document).encode()
-    start_response(status_line(code), [("Content-Type", "application/json"),
-                                       ("Content-Length", str(len(body)))] + list(headers))
-    return [body]
+def proxy(gateway, exchange):
+    """A request to ``/v1/*`` or ``/api/*``, step by step. Each step is
+    defined further down, in this order; a GatewayError from any of them
+    ends the exchange with that error (``Gateway.route``)."""
+    exchange.task_id = task_id_of(exchange.environ)
+    check_path_spelling(exchange.path)
+    try:  # read before the claim, so that the task's first document names the model
+        request, refusal = read_request(gateway.config, exchange), None
+    except GatewayError as error:
+        request, refusal = None, error
+    exchange.claim_task()  # from here on the exchange's ending writes the task's last state
+    if refusal:
+        raise refusal
+    on_gpu = request.inference and not request.to_cloud
+    if on_gpu:
+        take_slot(gateway, exchange)
+    forward = cloud_forward(gateway, exchange, request) if request.to_cloud else ollama_forward(gateway, exchange,
+                                                                                                request)
+    exchange.task.set(RUNNING, "forwarding", "forwarded to %s" % forward.where)
+    with upstream_call_of_this_thread(exchange.call):  # a hang-up or DELETE can cut these calls
+        if on_gpu:
+            give_model_its_lifetime(gateway, exchange, request)
+        exchange.response = send_upstream(exchange, forward)
+    return relay_answer(exchange, forward)
 
 
-def error_response(start_response, error, task_id=None):
-    headers = list(error.headers)
-    if task_id:
-        headers.append(("X-Task-Id", task_id))
-    return json_response(start_response, error.status,
-                         envelope(error.code, error.message, error.provider, task_id), headers)
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
-# ================================================================ GPU slots
+def task_id_of(environ):
+    """The client's ``X-Task-Id``, or a new UUID4."""
+    given = environ.get("HTTP_X_TASK_ID")
+    if given is None:
+        return str(uuid.uuid4())
+    if not TASK_ID_RE.match(given) or given in status.RESERVED_TASK_IDS:
+        raise GatewayError(400, "invalid_task_id", "X-Task-Id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ "
+                           "and not be 'index' or 'cancels'")
+    return given
+
+
+def check_path_spelling(path):
+    """Refuse ``.``, ``..`` and ``//`` segments, so that no spelling of a
+    path reaches a route that its plain spelling is refused."""
+    if path.rstrip("/") != posixpath.normpath(path):
+        raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
+
+
+# ================================================================ 3. the body
+
+INFERENCE_PATHS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+})
+EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
+MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
+
+
+@dataclasses.dataclass
+class ProxiedRequest:
+    """What the client asked for, checked: the body to send upstream (the
+    bytes as they came unless a change was made) and, on an inference
+    route, its parsed JSON document."""
+
+    path: str
+    method: str
+    body: bytes
+    document: dict = None
+
+    @property
+    def inference(self):
+        return self.document is not None
+
+    @property
+    def to_cloud(self):
+        return self.inference and is_cloud_model(self.document)
+
+
+def read_request(config, exchange):
+    """Refusals first, then the body: parsed and adjusted on an inference
+    route, passed on as it came everywhere else."""
+    path, method = exchange.path, exchange.method
+    if (path.rstrip("/") in MANAGEMENT_PATHS or path.startswith("/api/blobs/")) and not config.allow_management:
+        raise GatewayError(403, "management_disabled",
+                           "%s is disabled on this gateway (set ALLOW_MANAGEMENT=1 to allow it)" % path)
+    raw = read_body(exchange.environ, config.max_body_bytes)
+    if not (method == "POST" and path in INFERENCE_PATHS):
+        return ProxiedRequest(path, method, raw)
+    document = parse_json_object(raw)
+    changed = False if is_cloud_model(document) else adjust_body(path, document, config)
+    stream = document.get("stream", path.startswith("/api/") and path not in EMBEDDING_PATHS)
+    exchange.model, exchange.stream = document.get("model"), bool(stream)
+    return ProxiedRequest(path, method, json.dumps(document).encode() if changed else raw, document)
+
+
+def read_body(environ, limit):
+    """The request body, refused with 413 before reading when too large."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise GatewayError(400, "invalid_request", "Content-Length is not a number")
+        if declared > limit:
+            raise GatewayError(413, "body_too_large",
+                               "request body of %d bytes is over MAX_BODY_BYTES (%d)" % (declared, limit))
+        return environ["wsgi.input"].read(declared) if declared else b""
+    # No length: a chunked request body (gunicorn decodes it). Read one byte
+    # past the limit to know whether it is over, never more.
+    body = environ["wsgi.input"].read(limit + 1)
+    if len(body) > limit:
+        raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d)" % limit)
+    return body
+
+
+def parse_json_object(raw):
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise GatewayError(400, "invalid_json", "request body is not valid JSON: %s" % str(e)[:200])
+    if not isinstance(document, dict):
+        raise GatewayError(400, "invalid_json", "request body must be a JSON object, not %s"
+                           % type(document).__name__)
+    return document
+
+
+def adjust_body(path, document, config):
+    """The two changes the gateway makes to an inference body (README,
+    "Request body"): the default model, and ``keep_alive`` on Ollama's
+    native API. True when the document changed (else the original bytes go
+    upstream)."""
+    changed = False
+    if config.default_model and (document.get("model") in config.model_aliases or "model" not in document):
+        document["model"] = config.default_model
+        changed = True
+    if path.startswith("/api/") and config.keep_alive_default and "keep_alive" not in document:
+        document["keep_alive"] = config.keep_alive_default
+        changed = True
+    return changed
+
+
+# ================================================================ 4. the GPU slot
+
+
+def take_slot(gateway, exchange):
+    """Hold a GPU slot for the rest of the exchange (freed by its ending),
+    waiting up to SLOT_WAIT_S; 503 ``gpu_busy`` when none comes. A client
+    that leaves, or a DELETE, while the request waits ends the wait."""
+    holder = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
+              "since": round(time.time(), 3)}
+    slots, wait_s = gateway.slots, gateway.config.slot_wait_s
+    exchange.slot = slots.try_take(holder)
+    if exchange.slot is None and wait_s > 0:
+        exchange.slot = slots.take(holder, wait_s, lambda: exchange.call.reason is not None)
+    if exchange.call.reason:
+        raise exchange.abort_error()
+    if exchange.slot is None:
+        gateway.metrics.count("gpu_busy")
+        raise GatewayError(503, "gpu_busy", busy_message(slots), headers=gateway.retry_after, stage="gpu_busy")
+    exchange.slot_taken_at = time.monotonic()
+    waited = exchange.slot_taken_at - exchange.started
+    gateway.metrics.observe("slot_wait", waited)
+    exchange.slot_wait_ms = "%.1f" % (waited * 1000)
+
+
+def busy_message(slots):
+    held = [s for s in slots.describe() if s["state"] == "held"]
+    if not held:
+        return "GPU slot busy"
+    first = held[0]
+    since = first.get("since")
+    age = " for %.1f s" % (time.time() - since) if isinstance(since, (int, float)) else ""
+    who = "task %s" % first["task_id"] if first.get("task_id") else "pid %s" % first.get("pid")
+    return "GPU slot busy (held by %s%s)" % (who, age)
 
 
 class Slot:
@@ -383,55 +629,292 @@ def _flock_holders():
     return holders
 
 
-# ================================================================ upstream transport
+# ================================================================ 5. the upstream call
+
+# RFC 9110 section 7.6.1, plus Host: never forwarded in either direction.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization", "host",
+})
 
 
-class UpstreamCall:
-    """The gateway's hold on one exchange's upstream connections.
+@dataclasses.dataclass
+class Forward:
+    """What goes upstream and where. ``translation`` is set when the answer
+    must be turned into the client's shape (the cloud route's /api/chat);
+    the core relays a translated answer like any other."""
 
-    ``requests`` gives no response object to close until the upstream has
-    sent its headers, yet a client can go away while Ollama is still loading
-    the model. So the connection classes below register themselves here when
-    a request goes out on them, and ``abort`` can ``shutdown()`` their
-    sockets from the watcher thread: the blocked read in the request thread
-    then fails at once, and Ollama sees the connection close and stops.
+    upstream: "Upstream"
+    provider: str  # who answers: "ollama" or "openai"; named in errors
+    where: str  # for the task's message
+    method: str
+    target: str
+    headers: dict
+    body: bytes
+    translation: "Translation" = None
+
+
+def ollama_forward(gateway, exchange, request):
+    """The request for Ollama: same method, path, query, body and end-to-end headers."""
+    body = request.body
+    if not body and not exchange.environ.get("CONTENT_LENGTH"):
+        body = None  # the client sent no body: no Content-Length either
+    return Forward(gateway.upstream, "ollama", "the upstream", request.method,
+                   upstream_target(exchange.environ, request.path),
+                   forwarded_headers(exchange.environ, bool(gateway.config.api_keys)), body)
+
+
+def forwarded_headers(environ, strip_keys):
+    """The client's end-to-end headers, as they came, for the upstream."""
+    connection_named = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
+    headers = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:].replace("_", "-").lower()
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            name = key.replace("_", "-").lower()
+        else:
+            continue
+        if name in HOP_BY_HOP or name in connection_named or name == "content-length":
+            continue
+        if strip_keys and name in ("authorization", "x-api-key"):
+            continue
+        headers[name.title()] = value
+    if "User-Agent" not in headers:  # else urllib3 would add its own
+        headers["User-Agent"] = urllib3.util.SKIP_HEADER
+    return headers
+
+
+def upstream_target(environ, path):
+    """Path and query for the upstream: as received, never rewritten."""
+    raw = environ.get("RAW_URI") or ""
+    raw_path, _, raw_query = raw.partition("?")
+    if not raw_path.startswith("/") or urllib.parse.unquote(raw_path) != path:
+        raw_path = urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")
+        raw_query = environ.get("QUERY_STRING", "")
+    return raw_path + ("?" + raw_query if raw_query else "")
+
+
+def give_model_its_lifetime(gateway, exchange, request):
+    """The /v1 keep_alive load call (see ModelLifetimes)."""
+    if not request.path.startswith("/v1/"):
+        return
+    document, lifetimes = request.document, gateway.lifetimes
+    keep_alive = document.get("keep_alive", gateway.config.keep_alive_default)
+    model = document.get("model")
+    if keep_alive in ("", None) or not lifetimes.needed(model, keep_alive):
+        return
+    load_path = "/api/embed" if request.path in EMBEDDING_PATHS else "/api/generate"
+    headers = forwarded_headers(exchange.environ, bool(gateway.config.api_keys))
+    headers["Content-Type"] = "application/json"
+    try:
+        answer = gateway.upstream.send("POST", load_path, headers,
+                                       json.dumps({"model": model, "keep_alive": keep_alive}).encode())
+        _ = answer.content  # read it all, so that the connection goes back to the pool
+    except requests.RequestException:
+        return  # the request itself will meet the same problem and report it
+    if answer.status_code == 404 and not _is_ollama_error(answer):
+        # Ollama's own 404 (unknown model) is {"error": "..."}; anything
+        # else means the route itself is missing.
+        if lifetimes.native_api_gone():
+            log.warning("the upstream answered 404 to %s: it does not speak Ollama's native API; "
+                        "no more keep_alive load calls are sent", load_path)
+    elif answer.status_code < 400:
+        lifetimes.used(model, keep_alive)
+
+
+def _is_ollama_error(response):
+    try:
+        return isinstance(response.json().get("error"), str)
+    except (ValueError, AttributeError):
+        return False
+
+
+DURATION_PART_RE = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value):
+    """Seconds of an Ollama keep_alive (a number of seconds or a Go duration);
+    negative means forever (returns inf); None when it cannot be read."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = DURATION_PART_RE.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                return None
+            seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    else:
+        return None
+    return float("inf") if seconds < 0 else seconds
+
+
+class ModelLifetimes:
+    """Gives a model its ``keep_alive`` before a ``/v1`` request.
+
+    Ollama's OpenAI-compatible layer has no keep_alive field: it builds the
+    native request without one (``openai/openai.go``). The scheduler only
+    replaces a loaded model's lifetime when a request carries one: in
+    ``server/sched.go``, ``useLoadedRunner`` does ``if pending.sessionDuration
+    != nil { runner.sessionDuration = ... }``. So a native load call (model and
+    keep_alive, no prompt) sets a lifetime that the following ``/v1`` request
+    keeps. (If Ollama must reload the model for that request, for another
+    num_ctx say, ``load`` falls back to OLLAMA_KEEP_ALIVE.)
+
+    The call costs one upstream round trip, so it is skipped when this worker
+    gave the same model the same lifetime and used it within half of that
+    lifetime. An upstream that answers 404 to it does not speak Ollama's
+    native API (vLLM, llama.cpp's server): it is noted once and no more load
+    calls are sent.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._connections = []
+        self._last = {}  # model -> (keep_alive value, seconds, monotonic time of last use)
+        self.native_api_missing = False
+
+    def needed(self, model, keep_alive):
+        if self.native_api_missing or not isinstance(model, str) or not model:
+            return False
+        seconds = keep_alive_seconds(keep_alive)
+        if seconds == 0:
+            # The client asked for unloading after its request; a load call
+            # sent before it cannot do that, and would only unload it early.
+            return False
+        with self._lock:
+            last = self._last.get(model)
+        if last is None or last[0] != keep_alive or seconds is None:
+            return True
+        return time.monotonic() - last[2] > seconds / 2
+
+    def native_api_gone(self):
+        """Note that the upstream lacks Ollama's native API; True only the
+        first time, so that it is logged once per worker."""
+        with self._lock:
+            first, self.native_api_missing = not self.native_api_missing, True
+        return first
+
+    def used(self, model, keep_alive):
+        if isinstance(model, str):
+            with self._lock:
+                self._last[model] = (keep_alive, keep_alive_seconds(keep_alive), time.monotonic())
+
+
+def send_upstream(exchange, forward):
+    """The upstream's response, its body not yet read. A failure is named
+    once, here: the client's hang-up or a DELETE if the exchange was cut,
+    else what the upstream did."""
+    exchange.provider = forward.provider
+    try:
+        return forward.upstream.send(forward.method, forward.target, forward.headers, forward.body)
+    except requests.RequestException as error:
+        if exchange.call.reason:
+            raise exchange.abort_error()
+        raise upstream_error(error, forward.provider, exchange.gateway.retry_after)
+
+
+def upstream_error(error, provider, retry_after=()):
+    """Map a requests exception to the one error a client can act on."""
+    if _caused_by(error, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
+                          ConnectionRefusedError)):
+        return GatewayError(503, "upstream_unreachable", "the upstream (%s) cannot be reached: %s"
+                            % (provider, _short(error)), provider=provider, stage="upstream_unreachable",
+                            headers=retry_after)
+    if _caused_by(error, (urllib3.exceptions.ReadTimeoutError, socket.timeout)):
+        return GatewayError(504, "upstream_timeout", "the upstream (%s) did not answer in time" % provider,
+                            provider=provider, stage="timeout")
+    return GatewayError(502, "upstream_error", "the upstream (%s) failed: %s" % (provider, _short(error)),
+                        provider=provider, stage="upstream_error")
+
+
+def _caused_by(error, kinds):
+    """Whether ``kinds`` is anywhere in the chain requests and urllib3 wrap
+    around a failure (arguments, ``reason``, ``__cause__``, ``__context__``)."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        if isinstance(error, kinds):
+            return True
+        seen.add(id(error))
+        pending.extend(error.args[:1])
+        pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__])
+    return False
+
+
+def _short(error):
+    text = str(error)
+    return text if len(text) < 200 else text[:200] + "..."
+
+
+
+class UpstreamCall:
+    """The gateway's hold on the connection that an exchange's upstream
+    request is on.
+
+    ``requests`` gives no response object to close until the upstream has
+    sent its headers, yet a client can go away while Ollama is still loading
+    the model. So the connection classes below register themselves here when
+    a request goes out on them, and ``abort`` can ``shutdown()`` the socket
+    from the watcher thread: the blocked read in the request thread then
+    fails at once, and Ollama sees the connection close and stops. An
+    exchange sends one request at a time (the load call, then the request
+    itself), so only the last connection is held: the load call's is back in
+    the pool by then, maybe serving another exchange, and must not be cut.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._connection = None
         self._finished = False
-        self.reason = None  # why it was aborted: "client_gone" or "cancelled"
+        self.reason = None  # why it was aborted: "client_gone", "cancelled", or "ended" by the exchange's ending
 
     def attach(self, connection):
         with self._lock:
             if self.reason:
                 raise ConnectionAbortedError("upstream call aborted (%s)" % self.reason)
-            self._connections.append(connection)
+            self._connection = connection
 
     def done(self):
-        """The exchange is over: a late abort must not touch these
-        connections, which are back in the pool for the next request."""
+        """The exchange is over: a late abort must not touch the connection,
+        which is back in the pool for the next request."""
         with self._lock:
             self._finished = True
-            self._connections = []
+            self._connection = None
 
     def abort(self, reason):
         with self._lock:
             if self.reason or self._finished:
                 return
             self.reason = reason
-            connections = list(self._connections)
-        for connection in connections:
-            sock = getattr(connection, "sock", None)
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            connection = self._connection
+        sock = getattr(connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 _this_thread = threading.local()  # .call: the UpstreamCall of the exchange this thread serves
+
+
+@contextlib.contextmanager
+def upstream_call_of_this_thread(call):
+    """While this block runs, connections that this thread sends a request
+    on join ``call`` (see ``_Watched``), so that the watcher can cut them."""
+    _this_thread.call = call
+    try:
+        yield
+    finally:
+        _this_thread.call = None
 
 
 class _Watched:
@@ -517,290 +1000,7 @@ class Upstream:
         return self._adapter().send(request, stream=True, timeout=timeout or self.timeout)
 
 
-# ================================================================ watcher
-
-
-def client_gone(sock):
-    """True when the client closed its side (EOF or error), without reading."""
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
-
-
-class Watcher:
-    """One thread per worker process that watches every open exchange.
-
-    How the gateway notices a dead client: gunicorn's gthread worker only
-    learns it when a write fails (``gunicorn/workers/gthread.py``, the loop
-    over the response iterable), and a silent upstream gives it nothing to
-    write. So the client sockets (``environ["gunicorn.socket"]``) sit in an
-    epoll set here; a FIN or RST makes one readable, a peek reads EOF, and the
-    exchange is aborted within milliseconds. The same thread, every tick,
-    writes the batched status updates and heartbeats and asks the store
-    whether a DELETE from another worker cancelled one of our tasks.
-    """
-
-    TICK_S = 0.25
-
-    def __init__(self, board, heartbeat_sec):
-        self.board = board
-        self.heartbeat_sec = heartbeat_sec
-        self.selector = selectors.DefaultSelector()
-        self.exchanges = {}  # task_id -> Exchange
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="edgegate-watcher", daemon=True)
-        self.thread.start()
-
-    def watch(self, exchange):
-        with self.lock:
-            self.exchanges[exchange.task.task_id] = exchange
-            if exchange.client_socket is not None:
-                try:
-                    self.selector.register(exchange.client_socket, selectors.EVENT_READ, exchange)
-                except (ValueError, KeyError, OSError):
-                    pass
-
-    def unwatch(self, exchange):
-        with self.lock:
-            if self.exchanges.get(exchange.task.task_id) is exchange:
-                del self.exchanges[exchange.task.task_id]
-            self._unregister(exchange)
-
-    def _unregister(self, exchange):
-        try:
-            self.selector.unregister(exchange.client_socket)
-        except (ValueError, KeyError, OSError, TypeError):
-            pass
-
-    def local(self, task_id):
-        with self.lock:
-            return self.exchanges.get(task_id)
-
-    def _run(self):
-        next_tick = time.monotonic()
-        while True:
-            try:
-                for key, _ in self.selector.select(timeout=0.1):
-                    exchange = key.data
-                    with self.lock:
-                        # The event may be stale: that exchange ended and its
-                        # kept-alive socket now serves the next request.
-                        try:
-                            if self.selector.get_key(key.fileobj).data is not exchange:
-                                continue
-                        except (KeyError, ValueError):
-                            continue
-                        self._unregister(exchange)  # gone, or the client pipelined bytes: stop watching
-                    if client_gone(exchange.client_socket):
-                        exchange.abort("client_gone")
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + self.TICK_S
-                    self._tick()
-            except Exception:  # the watcher must outlive any one failure
-                log.exception("watcher tick failed")
-                time.sleep(self.TICK_S)
-
-    def _tick(self):
-        with self.lock:
-            exchanges = list(self.exchanges.values())
-        if not exchanges:
-            return
-        status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
-        now = time.monotonic()
-        for exchange in exchanges:
-            since = exchange.writing_since
-            if since is not None and now - since > exchange.config.client_send_timeout_s:
-                # Slow readers: gunicorn's socket has no send timeout, so a
-                # client that stays connected but never reads would hold this
-                # request's thread (and slot) for ever.
-                exchange.drop_slow_client()
-        cancelled = self.board.call("cancels_among", [e.task.task_id for e in exchanges], default=set())
-        for exchange in exchanges:
-            if exchange.task.task_id in cancelled:
-                exchange.abort("cancelled")
-
-
-# ================================================================ request body
-
-INFERENCE_PATHS = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
-    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
-})
-MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
-EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
-
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-
-# RFC 9110 section 7.6.1, plus Host: never forwarded in either direction.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
-    "proxy-connection", "proxy-authenticate", "proxy-authorization", "host",
-})
-
-
-def is_management(path):
-    path = path.rstrip("/")
-    return path in MANAGEMENT_PATHS or path.startswith("/api/blobs/")
-
-
-def read_body(environ, limit):
-    """The request body, refused with 413 before reading when too large."""
-    length = environ.get("CONTENT_LENGTH") or ""
-    if length:
-        try:
-            declared = int(length)
-        except ValueError:
-            raise GatewayError(400, "invalid_request", "Content-Length is not a number")
-        if declared > limit:
-            raise GatewayError(413, "body_too_large",
-                               "request body of %d bytes is over MAX_BODY_BYTES (%d)" % (declared, limit))
-        return environ["wsgi.input"].read(declared) if declared else b""
-    # No length: a chunked request body (gunicorn decodes it). Read one byte
-    # past the limit to know whether it is over, never more.
-    body = environ["wsgi.input"].read(limit + 1)
-    if len(body) > limit:
-        raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d)" % limit)
-    return body
-
-
-def parse_json_object(raw):
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise GatewayError(400, "invalid_json", "request body is not valid JSON: %s" % str(e)[:200])
-    if not isinstance(document, dict):
-        raise GatewayError(400, "invalid_json", "request body must be a JSON object, not %s"
-                           % type(document).__name__)
-    return document
-
-
-def adjust_body(path, document, config):
-    """The two changes the gateway makes to an inference body (SPEC 5):
-    the default model, and ``keep_alive`` on Ollama's native API. Returns
-    True when the document changed (else the original bytes go upstream)."""
-    changed = False
-    if config.default_model and (document.get("model") in config.model_aliases or "model" not in document):
-        document["model"] = config.default_model
-        changed = True
-    if path.startswith("/api/") and config.keep_alive_default and "keep_alive" not in document:
-        document["keep_alive"] = config.keep_alive_default
-        changed = True
-    return changed
-
-
-def forwarded_headers(environ, strip_keys):
-    """The client's end-to-end headers, as they came, for the upstream."""
-    connection_named = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
-    headers = {}
-    for key, value in environ.items():
-        if key.startswith("HTTP_"):
-            name = key[5:].replace("_", "-").lower()
-        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            name = key.replace("_", "-").lower()
-        else:
-            continue
-        if name in HOP_BY_HOP or name in connection_named or name == "content-length":
-            continue
-        if strip_keys and name in ("authorization", "x-api-key"):
-            continue
-        headers[name.title()] = value
-    if "User-Agent" not in headers:  # else urllib3 would add its own
-        headers["User-Agent"] = urllib3.util.SKIP_HEADER
-    return headers
-
-
-def upstream_target(environ, path):
-    """Path and query for the upstream: as received, never rewritten."""
-    raw = environ.get("RAW_URI") or ""
-    raw_path, _, raw_query = raw.partition("?")
-    if not raw_path.startswith("/") or urllib.parse.unquote(raw_path) != path:
-        raw_path = urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")
-        raw_query = environ.get("QUERY_STRING", "")
-    return raw_path + ("?" + raw_query if raw_query else "")
-
-
-# ================================================================ keep_alive load calls
-
-DURATION_PART_RE = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def keep_alive_seconds(value):
-    """Seconds of an Ollama keep_alive (a number of seconds or a Go duration);
-    negative means forever (returns inf); None when it cannot be read."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = DURATION_PART_RE.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                return None
-            seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
-    else:
-        return None
-    return float("inf") if seconds < 0 else seconds
-
-
-class ModelLifetimes:
-    """Gives a model its ``keep_alive`` before a ``/v1`` request.
-
-    Ollama's OpenAI-compatible layer has no keep_alive field: it builds the
-    native request without one (``openai/openai.go``). The scheduler only
-    replaces a loaded model's lifetime when a request carries one: in
-    ``server/sched.go``, ``useLoadedRunner`` does ``if pending.sessionDuration
-    != nil { runner.sessionDuration = ... }``. So a native load call (model and
-    keep_alive, no prompt) sets a lifetime that the following ``/v1`` request
-    keeps. (If Ollama must reload the model for that request, for another
-    num_ctx say, ``load`` falls back to OLLAMA_KEEP_ALIVE.)
-
-    The call costs one upstream round trip, so it is skipped when this worker
-    gave the same model the same lifetime and used it within half of that
-    lifetime. An upstream that answers 404 to it does not speak Ollama's
-    native API (vLLM, llama.cpp's server): it is noted once and no more load
-    calls are sent.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._last = {}  # model -> (keep_alive value, seconds, monotonic time of last use)
-        self.native_api_missing = False
-
-    def needed(self, model, keep_alive):
-        if self.native_api_missing or not isinstance(model, str) or not model:
-            return False
-        seconds = keep_alive_seconds(keep_alive)
-        if seconds == 0:
-            # The client asked for unloading after its request; a load call
-            # sent before it cannot do that, and would only unload it early.
-            return False
-        with self._lock:
-            last = self._last.get(model)
-        if last is None or last[0] != keep_alive or seconds is None:
-            return True
-        return time.monotonic() - last[2] > seconds / 2
-
-    def native_api_gone(self):
-        """Note that the upstream lacks Ollama's native API; True only the
-        first time, so that it is logged once per worker."""
-        with self._lock:
-            first, self.native_api_missing = not self.native_api_missing, True
-        return first
-
-    def used(self, model, keep_alive):
-        if isinstance(model, str):
-            with self._lock:
-                self._last[model] = (keep_alive, keep_alive_seconds(keep_alive), time.monotonic())
-
-
-# ================================================================ response relay
+# ================================================================ 6. relaying the answer
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
 NDJSON_DONE_RE = re.compile(rb'"done"\s*:\s*true')
@@ -811,6 +1011,164 @@ USAGE_RE = {
 TAIL_BYTES = 8192
 CHUNK_BYTES = 65536
 _END = object()
+
+
+def relay_answer(exchange, forward):
+    """The upstream's answer, on its way to the client. An upstream error on
+    /v1 (or one to be translated) is read and answered in the gateway's
+    envelope; any other answer is relayed as it comes."""
+    response = exchange.response
+    exchange.task.set(upstream_status=response.status_code)
+    if response.status_code >= 400 and (exchange.path.startswith("/v1/") or forward.translation):
+        return answer_upstream_error(exchange, forward)
+    if forward.translation:
+        headers = [("Content-Type", forward.translation.content_type)]
+        relay = Relay(exchange, forward.translation.stream_format, forward.translation.answer)
+    else:
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]
+        relay = Relay(exchange, stream_format(response))
+    exchange.start(response.status_code, response.reason, headers)
+    return relay
+
+
+def answer_upstream_error(exchange, forward):
+    """The upstream's error answer (1 MiB at most): its status and message."""
+    try:
+        raw = exchange.response.raw.read(1024 * 1024, decode_content=True)
+    except Exception as error:
+        raise exchange.upstream_failure(error)
+    status_code = exchange.response.status_code
+    message = _upstream_message(raw) or "the upstream answered %d" % status_code
+    if forward.translation:  # Ollama's error shape, which its clients parse
+        return exchange.answer(status_code, {"error": message}, outcome=Outcome(FAILED, "upstream_error", message))
+    return exchange.fail(GatewayError(status_code, _upstream_code(status_code), message,
+                                      provider=forward.provider, stage="upstream_error"))
+
+
+def _upstream_message(raw):
+    """The message of an Ollama error body: ``{"error": "..."}`` on /api,
+    ``{"error": {"message": "..."}}`` from its OpenAI layer (and OpenAI)."""
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        return raw.decode("utf-8", "replace")[:500] if raw else None
+    if isinstance(error, dict):
+        return error.get("message")
+    return error if isinstance(error, str) else None
+
+
+def _upstream_code(status_code):
+    return {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            429: "rate_limited"}.get(status_code, "upstream_error")
+
+
+class Relay:
+    """The WSGI response body of a proxied request (PEP 3333 iterable).
+
+    It yields the upstream's bytes as they arrive (urllib3's ``read1``:
+    chunk by chunk, no buffering, never decoded, so gzip stays as it came
+    and ``Content-Length`` stays true). The exchange ends before the client
+    can see the end of the answer -- for chunked bodies before the generator
+    returns (gunicorn writes the last chunk after), for sized bodies before
+    the last bytes are yielded -- so that a client's next request finds the
+    slot free and the task final. ``close()``, which gunicorn calls also
+    when the client went away (PEP 3333), ends it otherwise.
+    """
+
+    def __init__(self, exchange, stream_format, translate=None):
+        self.exchange = exchange
+        self.upstream = exchange.response
+        self.stream_format = stream_format  # "sse", "ndjson" or None
+        self.translate = translate  # chunks -> chunks, the answer in the client's shape (cloud route)
+        self.length = None if translate else _content_length(self.upstream)
+        self.tail = b""  # the last bytes relayed: token counts and end markers are read from it
+        self.stop = threading.Event()
+        self._body = self._relay()
+        exchange.gateway.metrics.streams(+1)
+
+    def __iter__(self):
+        return self._handed_to_gunicorn()
+
+    def _handed_to_gunicorn(self):
+        """The body, noting since when gunicorn has been writing each piece:
+        the watcher drops a client that stops reading (``Watcher._tick``)."""
+        exchange = self.exchange
+        for chunk in self._body:
+            exchange.writing_since = time.monotonic()
+            yield chunk
+            exchange.writing_since = None
+
+    def close(self):
+        if self.stop.is_set():
+            return
+        self.stop.set()
+        try:
+            self._body.close()
+        finally:
+            self.exchange.gateway.metrics.streams(-1)
+            # Cut short: the client left (or the relay failed). A stream
+            # whose own end marker already passed was complete all the same.
+            complete = answer_is_complete(self.tail, self.stream_format)
+            self.exchange.close(self.exchange.answered(token_counts(self.tail)) if complete else None)
+
+    def _upstream_chunks(self):
+        raw = self.upstream.raw
+        while True:
+            chunk = raw.read1(CHUNK_BYTES, decode_content=False)  # what has arrived, as it came
+            if not chunk:
+                return
+            yield chunk
+
+    def _relay(self):
+        exchange = self.exchange
+        chunks = self._upstream_chunks()
+        if self.translate:
+            chunks = self.translate(chunks)
+        if self.stream_format == "sse":
+            chunks = read_ahead(chunks, self.stop, keepalive_every=exchange.gateway.config.heartbeat_sec)
+        elif self.stream_format == "ndjson" or self.length is None:
+            chunks = read_ahead(chunks, self.stop)
+        sent = 0
+        # An empty first item makes gunicorn send the status line and headers
+        # now (gunicorn/http/wsgi.py, Response.write), so the client knows its
+        # request was taken while the model is still thinking.
+        yield b""
+        try:
+            for chunk in chunks:
+                if chunk is SSE_KEEPALIVE:
+                    yield chunk
+                    continue
+                if exchange.first_byte_at is None:
+                    exchange.first_byte_arrived()
+                sent += len(chunk)
+                exchange.bytes_out = sent
+                self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
+                if self.length is not None and sent >= self.length:
+                    exchange.close(exchange.answered(token_counts(self.tail)))
+                yield chunk
+            if self.length is not None and sent < self.length:
+                raise requests.exceptions.ChunkedEncodingError("upstream closed after %d of %d bytes"
+                                                               % (sent, self.length))
+            exchange.close(exchange.answered(token_counts(self.tail)))
+        except Exception as error:  # the upstream failed (or was cut) mid-answer
+            if answer_is_complete(self.tail, self.stream_format):
+                exchange.close(exchange.answered(token_counts(self.tail)))
+                return
+            failure = exchange.upstream_failure(error)
+            client_left = exchange.call.reason == "client_gone"
+            exchange.close(Outcome.of(failure))
+            event = self._error_event(failure)
+            if event and not client_left:
+                yield event
+
+    def _error_event(self, failure):
+        """The last event of a broken stream, in the stream's own format."""
+        if self.stream_format == "sse":
+            document = error_document(self.exchange.path, failure, self.exchange.task_id)
+            return b"data: " + json.dumps(document).encode() + b"\n\n"
+        if self.stream_format == "ndjson":
+            return json.dumps({"error": failure.message}).encode() + b"\n"
+        return None
 
 
 def token_counts(tail):
@@ -886,119 +1244,6 @@ def read_ahead(chunks, stop, keepalive_every=None):
             yield item
 
 
-class Relay:
-    """The WSGI response body of a proxied request (PEP 3333 iterable).
-
-    It yields the upstream's bytes as they arrive (``http.client``'s
-    ``read1``: chunk by chunk, no buffering, never decoded, so gzip stays as
-    it came and ``Content-Length`` stays true). The task is finished, and the
-    slot released, before the client can see the end of the response: for
-    chunked bodies before the generator returns (gunicorn writes the last
-    chunk after), for sized bodies before the last bytes are yielded.
-    ``close()`` -- which gunicorn calls also when the client went away
-    (PEP 3333) -- finishes whatever is still open.
-    """
-
-    def __init__(self, exchange, upstream, stream_format, translate=None):
-        self.exchange = exchange
-        self.upstream = upstream
-        self.stream_format = stream_format  # "sse", "ndjson" or None
-        self.translate = translate  # chunks -> chunks (the cloud route's SSE -> NDJSON)
-        self.length = None if translate else _content_length(upstream)
-        self.tail = b""  # the last bytes relayed: token counts and end markers are read from it
-        self.stop = threading.Event()
-        self._body = self._relay()
-        exchange.metrics.streams(+1)
-
-    def __iter__(self):
-        return self._handed_to_gunicorn()
-
-    def _handed_to_gunicorn(self):
-        """The body, noting since when gunicorn has been writing each piece:
-        the watcher drops a client that stops reading (see Watcher._tick)."""
-        exchange = self.exchange
-        for chunk in self._body:
-            exchange.writing_since = time.monotonic()
-            yield chunk
-            exchange.writing_since = None
-
-    def close(self):
-        if self.stop.is_set():
-            return
-        self.stop.set()
-        try:
-            self._body.close()
-            if not self.exchange.task.finished and answer_is_complete(self.tail, self.stream_format):
-                self.exchange.succeed(token_counts(self.tail))
-        finally:
-            self.exchange.metrics.streams(-1)
-            self.exchange.close()
-
-    def _upstream_chunks(self):
-        # http.client's read1 returns what has arrived (within one chunk of a
-        # chunked body), undecoded; going below urllib3's wrapper of it saves
-        # most of the cost per chunk. At the end the connection goes back to
-        # urllib3's pool for the next request.
-        raw = self.upstream.raw
-        while True:
-            chunk = raw._fp.read1(CHUNK_BYTES)
-            if not chunk:
-                break
-            yield chunk
-        raw.release_conn()
-
-    def _relay(self):
-        exchange = self.exchange
-        chunks = self._upstream_chunks()
-        if self.translate:
-            chunks = self.translate(chunks)
-        if self.stream_format == "sse":
-            chunks = read_ahead(chunks, self.stop, keepalive_every=exchange.config.heartbeat_sec)
-        elif self.stream_format == "ndjson" or self.length is None:
-            chunks = read_ahead(chunks, self.stop)
-        sent = 0
-        self.tail = b""
-        # An empty first item makes gunicorn send the status line and headers
-        # now (gunicorn/http/wsgi.py, Response.write), so the client knows its
-        # request was taken while the model is still thinking.
-        yield b""
-        try:
-            for chunk in chunks:
-                if chunk is SSE_KEEPALIVE:
-                    yield chunk
-                    continue
-                if exchange.first_byte_at is None:
-                    exchange.first_byte_arrived()
-                sent += len(chunk)
-                tail = self.tail
-                self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (tail + chunk)[-TAIL_BYTES:]
-                if self.length is not None and sent >= self.length:
-                    exchange.succeed(token_counts(self.tail))
-                yield chunk
-            if self.length is not None and sent < self.length:
-                raise requests.exceptions.ChunkedEncodingError("upstream closed after %d of %d bytes"
-                                                               % (sent, self.length))
-            exchange.succeed(token_counts(self.tail))
-        except Exception as error:  # the upstream failed (or was cut) mid-response
-            if answer_is_complete(self.tail, self.stream_format):
-                exchange.succeed(token_counts(self.tail))
-                return
-            failure = exchange.upstream_failure(error)
-            event = self._error_event(failure)
-            if event and exchange.call.reason != "client_gone":
-                yield event
-
-    def _error_event(self, failure):
-        """The last event of a broken stream, in the stream's own format."""
-        task_id = self.exchange.task.task_id
-        if self.stream_format == "sse":
-            return b"data: " + json.dumps(envelope(failure.code, failure.message, failure.provider,
-                                                   task_id)).encode() + b"\n\n"
-        if self.stream_format == "ndjson":
-            return json.dumps({"error": failure.message}).encode() + b"\n"
-        return None
-
-
 def answer_is_complete(tail, stream_format):
     """Whether a stream's own end marker has passed: ``data: [DONE]`` for
     SSE, a last line with ``"done": true`` for NDJSON. A client may close
@@ -1028,192 +1273,500 @@ def stream_format(response):
     return None
 
 
-# ================================================================ one exchange
+# ================================================================ 7. the watcher
+
+
+def client_gone(sock):
+    """True when the client closed its side (EOF or error), without reading."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+class Watcher:
+    """One thread per worker process that watches every open exchange.
+
+    How the gateway notices a dead client: gunicorn's gthread worker only
+    learns it when a write fails (``gunicorn/workers/gthread.py``, the loop
+    over the response iterable), and a silent upstream gives it nothing to
+    write. So the client sockets (``environ["gunicorn.socket"]``) sit in an
+    epoll set here; a FIN or RST makes one readable, a peek reads EOF, and the
+    exchange is aborted within milliseconds. The same thread, every tick,
+    writes the batched status updates and heartbeats and asks the store
+    whether a DELETE from another worker cancelled one of our tasks.
+    """
+
+    TICK_S = 0.25
+
+    def __init__(self, board, heartbeat_sec, client_send_timeout_s):
+        self.board = board
+        self.heartbeat_sec = heartbeat_sec
+        self.client_send_timeout_s = client_send_timeout_s
+        self.selector = selectors.DefaultSelector()
+        self.exchanges = {}  # task_id -> Exchange
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="edgegate-watcher", daemon=True)
+        self.thread.start()
+
+    def watch(self, exchange):
+        """From the claim of its task to its ending (``Exchange.close``)."""
+        with self.lock:
+            self.exchanges[exchange.task.task_id] = exchange
+            if exchange.client_socket is not None:
+                try:
+                    self.selector.register(exchange.client_socket, selectors.EVENT_READ, exchange)
+                except (ValueError, KeyError, OSError):
+                    pass
+
+    def unwatch(self, exchange):
+        with self.lock:
+            if self.exchanges.get(exchange.task.task_id) is exchange:
+                del self.exchanges[exchange.task.task_id]
+            self._unregister(exchange)
+
+    def _unregister(self, exchange):
+        try:
+            self.selector.unregister(exchange.client_socket)
+        except (ValueError, KeyError, OSError, TypeError):
+            pass
+
+    def local(self, task_id):
+        with self.lock:
+            return self.exchanges.get(task_id)
+
+    def _run(self):
+        next_tick = time.monotonic()
+        while True:
+            try:
+                for key, _ in self.selector.select(timeout=0.1):
+                    exchange = key.data
+                    with self.lock:
+                        # The event may be stale: that exchange ended and its
+                        # kept-alive socket now serves the next request.
+                        try:
+                            if self.selector.get_key(key.fileobj).data is not exchange:
+                                continue
+                        except (KeyError, ValueError):
+                            continue
+                        self._unregister(exchange)  # gone, or the client pipelined bytes: stop watching
+                    if client_gone(exchange.client_socket):
+                        exchange.call.abort("client_gone")
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.TICK_S
+                    self._tick()
+            except Exception:  # the watcher must outlive any one failure
+                log.exception("watcher tick failed")
+                time.sleep(self.TICK_S)
+
+    def _tick(self):
+        with self.lock:
+            exchanges = list(self.exchanges.values())
+        if not exchanges:
+            return
+        status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
+        now = time.monotonic()
+        for exchange in exchanges:
+            since = exchange.writing_since
+            if since is not None and now - since > self.client_send_timeout_s:
+                # Slow readers: gunicorn's socket has no send timeout, so a
+                # client that stays connected but never reads would hold this
+                # request's thread (and slot) for ever.
+                self._drop_slow_reader(exchange)
+        cancelled = self.board.call("cancels_among", [e.task.task_id for e in exchanges], default=set())
+        for exchange in exchanges:
+            if exchange.task.task_id in cancelled:
+                exchange.call.abort("cancelled")
+
+    @staticmethod
+    def _drop_slow_reader(exchange):
+        """The client has not taken a piece of its answer for
+        CLIENT_SEND_TIMEOUT_S. Cut both sides: gunicorn's blocked write then
+        fails with EPIPE (a client gone, logged at debug level only), and
+        the exchange ends as cancelled."""
+        exchange.call.abort("client_gone")
+        if exchange.client_socket is not None:
+            try:
+                exchange.client_socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+# ================================================================ 8. the ending
+
+REASONS = {
+    200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Content Too Large",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
+}
+UPSTREAM_STAGES = ("upstream_error", "upstream_unreachable", "timeout")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How an exchange ended, as its task records it."""
+
+    state: str  # SUCCESS or FAILED
+    stage: str
+    message: str
+    counts: dict = dataclasses.field(default_factory=dict)  # prompt_tokens, completion_tokens
+
+    @classmethod
+    def of(cls, error):
+        return cls(FAILED, error.stage, error.message)
 
 
 class Exchange:
-    """One proxied request and everything it holds: its task, its GPU slot,
-    its upstream call and response, and its place in the watcher. ``close()``
-    is the one path that releases them all, and it is safe to call twice.
-    What the access log shows of it goes into the WSGI environ
-    (``edgegate.*``, read by gunicorn.conf.py's access_log_format)."""
+    """One request and everything it holds: its task, its GPU slot, its
+    upstream call and response, its place in the watcher.
 
-    UPSTREAM_STAGES = ("upstream_error", "upstream_unreachable", "timeout")
+    ``close(outcome)`` is the one ending of every request, whichever way it
+    ends -- answered, refused before or after the slot, upstream failed,
+    client gone, cancelled by DELETE, slow reader dropped, a bug of ours --
+    and only its first call counts. An answer the gateway makes itself
+    (``answer``, ``fail``) ends the exchange before its body is handed to
+    gunicorn; a relayed answer ends it from ``Relay`` (see there).
+    """
 
-    def __init__(self, gateway, environ, task, provider):
+    def __init__(self, gateway, environ, start_response):
         self.gateway = gateway
-        self.config = gateway.config
-        self.metrics = gateway.metrics
         self.environ = environ
-        self.task = task
-        self.provider = provider
+        self._start_response = start_response
+        self.path = environ.get("PATH_INFO") or "/"
+        self.method = environ.get("REQUEST_METHOD", "GET")
+        self.started = time.monotonic()
         self.client_socket = environ.get("gunicorn.socket")
+        self.task_id = None  # the X-Task-Id of a proxied request
+        self.task = None  # its task, once claimed: only then does the ending write its state
+        self.model = None
+        self.stream = False
+        self.provider = "ollama"  # who answers; named in errors
         self.call = UpstreamCall()
         self.slot = None
         self.slot_taken_at = None
-        self.upstream = None
-        self.started = time.monotonic()
+        self.slot_wait_ms = None
+        self.response = None  # the upstream's response
         self.first_byte_at = None
         self.writing_since = None  # set while gunicorn writes a piece of the answer to the client
+        self.status_code = None
+        self.bytes_out = 0
         self.closed = False
         self._close_lock = threading.Lock()
-        environ["edgegate.model"] = task.extensions.get("model") or "-"
 
-    # -- the steps, in the order the gateway takes them
+    # -- the task
 
-    def take_slot(self, path):
-        holder = {"pid": os.getpid(), "task_id": self.task.task_id, "path": path, "since": round(time.time(), 3)}
-        slots = self.gateway.slots
-        self.slot = slots.try_take(holder)
-        if self.slot is None and self.config.slot_wait_s > 0:
-            self.slot = slots.take(holder, self.config.slot_wait_s, lambda: self.call.reason is not None)
-        if self.call.reason:
-            raise self.abort_error()
-        if self.slot is None:
-            self.metrics.count("gpu_busy")
-            raise GatewayError(503, "gpu_busy", self.gateway.busy_message(), headers=self.gateway.retry_after,
-                               stage="gpu_busy")
-        self.slot_taken_at = time.monotonic()
-        waited = self.slot_taken_at - self.started
-        self.metrics.observe("slot_wait", waited)
-        self.environ["edgegate.slot_wait_ms"] = "%.1f" % (waited * 1000)
-        self.task.set(RUNNING, "forwarding", "forwarded to the upstream")
+    def claim_task(self):
+        task = status.Task(self.gateway.board, self.task_id, self.gateway.config.algorithm_id, self.method,
+                           self.path)
+        task.extensions.update(model=self.model, stream=self.stream)
+        if not task.claim():
+            raise GatewayError(409, "task_id_in_use", "task %s is still pending or running" % self.task_id)
+        self.task = task
+        self.gateway.watcher.watch(self)
 
     def first_byte_arrived(self):
         self.first_byte_at = time.monotonic()
         ttft = self.first_byte_at - self.started
-        self.metrics.observe("ttft", ttft)
-        self.environ["edgegate.ttfb_ms"] = "%.1f" % (ttft * 1000)
+        self.gateway.metrics.observe("ttft", ttft)
         self.task.set(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
 
-    def succeed(self, counts):
-        """The upstream's answer is complete: release, then record it."""
-        upstream_status = self.upstream.status_code if self.upstream is not None else None
-        self.release()
-        if upstream_status is not None and upstream_status < 400:
-            self.finish(SUCCESS, "completed", "completed", **counts)
-        else:
-            self.finish(FAILED, "upstream_error", "the upstream answered %s" % upstream_status, **counts)
+    def answered(self, counts):
+        """The outcome of an upstream answer that arrived whole."""
+        if self.response is not None and self.response.status_code < 400:
+            return Outcome(SUCCESS, "completed", "completed", counts)
+        upstream_status = self.response.status_code if self.response is not None else None
+        return Outcome(FAILED, "upstream_error", "the upstream answered %s" % upstream_status, counts)
 
     def upstream_failure(self, error):
-        """Name a failure of the upstream call, finish the task with it, and
-        return the GatewayError that says it to the client."""
+        """The GatewayError that names a failed upstream call."""
         if self.call.reason:
-            failure = self.abort_error()
-        else:
-            failure = upstream_error(error, self.provider, self.gateway.retry_after)
-        self.release()
-        self.finish(FAILED, failure.stage, failure.message)
-        return failure
+            return self.abort_error()
+        return upstream_error(error, self.provider, self.gateway.retry_after)
 
     def abort_error(self):
         if self.call.reason == "cancelled":
             return GatewayError(503, "cancelled", "task %s was cancelled by DELETE /tasks/%s"
-                                % (self.task.task_id, self.task.task_id), stage="cancelled")
+                                % (self.task_id, self.task_id), stage="cancelled")
         return GatewayError(503, "cancelled", "the client went away", stage="cancelled")
 
-    def abort(self, reason):
-        """From the watcher: the client left, or a DELETE cancelled the task."""
-        self.call.abort(reason)
+    # -- answering
 
-    def drop_slow_client(self):
-        """From the watcher: the client has not taken a piece of its answer
-        for CLIENT_SEND_TIMEOUT_S. Cut both sides: gunicorn's blocked write
-        then fails with EPIPE (a client gone, logged at debug level only)."""
-        self.call.abort("client_gone")
-        if self.client_socket is not None:
-            try:
-                self.client_socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def start(self, status_code, reason, headers, exc_info=None):
+        """Start the answer. It is counted now, so that /metrics shows a long stream that has begun."""
+        self.status_code = status_code
+        self.gateway.metrics.request(self.path, status_code)
+        if self.task_id:
+            headers = list(headers) + [("X-Task-Id", self.task_id)]
+        self._start_response("%d %s" % (status_code, reason or REASONS.get(status_code, "Unknown")), headers,
+                             exc_info)
 
-    def finish(self, state, stage, message, **extensions):
-        """The task's last state (only the first call counts)."""
-        if self.task.finished:
-            return
-        if state == FAILED and stage in self.UPSTREAM_STAGES:
-            self.metrics.count("upstream_errors", stage)
-        self.task.finish(state, stage, message,
-                         duration_ms=round((time.monotonic() - self.started) * 1000, 1), **extensions)
+    def answer(self, status_code, document, headers=(), outcome=None, exc_info=None,
+               content_type="application/json"):
+        """An answer of the gateway's own (a JSON document, or bytes of
+        ``content_type``); the exchange ends before gunicorn sends it."""
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        self.start(status_code, None, [("Content-Type", content_type),
+                                       ("Content-Length", str(len(body)))] + list(headers), exc_info)
+        self.bytes_out = len(body)
+        self.close(outcome)
+        return [body]
 
-    # -- the one clean-up path
+    def fail(self, error, exc_info=None):
+        """End with ``error``: its envelope to the client, FAILED for the task."""
+        return self.answer(error.status, error_document(self.path, error, self.task_id), error.headers,
+                           Outcome.of(error), exc_info)
 
-    def release(self):
-        """Close the upstream response and free the GPU slot. A response read
-        to its end has already gone back to the connection pool; a half-read
-        one is dropped, which tells Ollama to stop generating."""
-        self.call.done()
-        if self.upstream is not None:
-            raw, body = self.upstream.raw, self.upstream.raw._fp  # body: http.client's response
-            if body is not None and self.call.reason is None and (
-                    body.isclosed() or (not body.chunked and body.length == 0)):
-                body.close()  # read to its end: the connection goes back to the pool
-                raw.release_conn()
-            self.upstream.close()
-        slot, self.slot = self.slot, None
-        if slot is not None:
-            slot.release()
-            self.metrics.observe("slot_hold", time.monotonic() - self.slot_taken_at)
+    # -- the one ending
 
-    def close(self, error=None):
-        """Release everything; a task not yet finished ends here as FAILED
-        (with ``error``'s stage, or ``cancelled`` when the client went away)."""
+    def close(self, outcome=None):
+        """End the exchange: let go of the upstream, free the GPU slot, write
+        the task's last state, count it, and log its access line. With no
+        ``outcome`` the request was cut short: the client went away, or a
+        DELETE cancelled it. Only the first call counts."""
         with self._close_lock:
             if self.closed:
                 return
             self.closed = True
         try:
-            if self.upstream is not None and not self.task.finished:
-                # Still streaming: the client left. Cut the upstream so Ollama
-                # stops generating (closing a half-read response drops the
-                # connection instead of returning it to the pool).
-                self.call.abort(self.call.reason or "client_gone")
-            self.release()
-            if error is not None:
-                self.finish(FAILED, error.stage, error.message)
-            else:
-                self.finish(FAILED, "cancelled", "the client went away")
+            self._let_go_of_upstream()
+            self._free_slot()
         finally:
-            _this_thread.call = None
-            self.gateway.watcher.unwatch(self)
+            if self.task is not None:
+                self.gateway.watcher.unwatch(self)
+                self._finish_task(outcome or Outcome.of(self.abort_error()))
+            access_log.info(access_line(self))
+
+    def _let_go_of_upstream(self):
+        """A response read to its end goes back to the connection pool; any
+        other is cut, which tells Ollama to stop generating."""
+        response, self.response = self.response, None
+        if response is not None and (self.call.reason is not None or not response.raw.isclosed()):
+            self.call.abort(self.call.reason or "ended")  # also wakes a read blocked in another thread
+            self.call.done()
+            response.raw.close()
+        else:
+            self.call.done()
+        if response is not None:
+            response.raw.release_conn()
+
+    def _free_slot(self):
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.release()
+            self.gateway.metrics.observe("slot_hold", time.monotonic() - self.slot_taken_at)
+
+    def _finish_task(self, outcome):
+        if outcome.state == FAILED and outcome.stage in UPSTREAM_STAGES:
+            self.gateway.metrics.count("upstream_errors", outcome.stage)
+        duration_ms = round((time.monotonic() - self.started) * 1000, 1)
+        self.task.finish(outcome.state, outcome.stage, outcome.message, duration_ms=duration_ms, **outcome.counts)
 
 
-def upstream_error(error, provider, retry_after=()):
-    """Map a requests exception to the one error a client can act on."""
-    if _caused_by(error, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
-                          ConnectionRefusedError)):
-        return GatewayError(503, "upstream_unreachable", "the upstream (%s) cannot be reached: %s"
-                            % (provider, _short(error)), provider=provider, stage="upstream_unreachable",
-                            headers=retry_after)
-    if _caused_by(error, (urllib3.exceptions.ReadTimeoutError, socket.timeout)):
-        return GatewayError(504, "upstream_timeout", "the upstream (%s) did not answer in time" % provider,
-                            provider=provider, stage="timeout")
-    return GatewayError(502, "upstream_error", "the upstream (%s) failed: %s" % (provider, _short(error)),
-                        provider=provider, stage="upstream_error")
+def access_line(exchange):
+    """One line, never a prompt, a completion, a key or a query string;
+    every value from the request escaped, so that it stays one line."""
+    started = exchange.started
+    ttfb = "%.1f" % ((exchange.first_byte_at - started) * 1000) if exchange.first_byte_at else "-"
+    return '%s "%s %s" %s task=%s model=%s slot_wait_ms=%s ttfb_ms=%s duration_ms=%d bytes=%d' % (
+        exchange.environ.get("REMOTE_ADDR", "-"), printable(exchange.method), printable(exchange.path),
+        exchange.status_code or "-", exchange.task_id or "-", printable(exchange.model) if exchange.model else "-",
+        exchange.slot_wait_ms or "-", ttfb, (time.monotonic() - started) * 1000, exchange.bytes_out)
 
 
-def _caused_by(error, kinds):
-    """Whether ``kinds`` is anywhere in the chain requests and urllib3 wrap
-    around a failure (arguments, ``reason``, ``__cause__``, ``__context__``)."""
-    pending, seen = [error], set()
-    while pending:
-        error = pending.pop()
-        if not isinstance(error, BaseException) or id(error) in seen:
-            continue
-        if isinstance(error, kinds):
-            return True
-        seen.add(id(error))
-        pending.extend(error.args[:1])
-        pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__])
-    return False
+def printable(text):
+    """``text`` for a log line: control and non-ASCII characters escaped, at most 200 characters."""
+    text = text if isinstance(text, str) else repr(text)
+    return text.encode("ascii", "backslashreplace").decode().translate(_CONTROL_ESCAPES)[:200]
 
 
-def _short(error):
-    text = str(error)
-    return text if len(text) < 200 else text[:200] + "..."
+_CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + [127]}
 
 
-# ================================================================ cloud route (SPEC 8)
+# ================================================================ 9. the gateway's own routes
+
+
+def own_route(gateway, exchange):
+    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /metrics."""
+    path, method = exchange.path, exchange.method
+    if path == "/readyz":
+        return readyz(gateway, exchange)
+    if path == "/slots" and method == "GET":
+        return exchange.answer(200, {"slots": gateway.slots.describe()})
+    if path == "/tasks/status" and method == "GET":
+        return list_tasks(gateway, exchange)
+    if path.startswith("/tasks/status/") and method == "GET":
+        return exchange.answer(200, known_task(gateway, path[len("/tasks/status/"):]))
+    if path.startswith("/tasks/") and method == "DELETE":
+        return cancel_task(gateway, exchange, path[len("/tasks/"):])
+    if path == "/metrics" and method == "GET":
+        if not gateway.metrics.enabled:
+            raise GatewayError(404, "not_found", "metrics need prometheus_client: pip install 'edgegate[metrics]'")
+        return exchange.answer(200, gateway.metrics.exposition(),
+                               content_type="text/plain; version=0.0.4; charset=utf-8")
+    raise GatewayError(404, "not_found", "no route for %s %s" % (method, printable(path)))
+
+
+def readyz(gateway, exchange):
+    """200 when the upstream answers /api/version and the store answers."""
+    problems = []
+    try:
+        answer = gateway.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-readyz"}, timeout=(1.0, 1.0))
+        _ = answer.content  # read it all, so that the connection goes back to the pool
+        if answer.status_code >= 500:
+            problems.append(("upstream", "the upstream answered %d to /api/version" % answer.status_code))
+    except requests.RequestException as error:
+        problems.append(("upstream", "the upstream does not answer: %s" % _short(error)))
+    try:
+        gateway.board.query("ping")
+    except status.StoreUnavailable as error:
+        problems.append((error.provider, str(error)))
+    if not problems:
+        return exchange.answer(200, {"status": "ready", "store": gateway.board.provider})
+    message = "not ready: " + "; ".join(p[1] for p in problems)
+    upstream_first = problems[0][0] == "upstream"
+    error = GatewayError(503, "upstream_unreachable" if upstream_first else "store_unavailable", message,
+                         provider="ollama" if upstream_first else problems[0][0],
+                         headers=[("X-Not-Ready", ", ".join(p[0] for p in problems))])
+    return exchange.fail(error)
+
+
+def known_task(gateway, task_id):
+    """The task's document, or 404."""
+    if not TASK_ID_RE.match(task_id):
+        raise GatewayError(404, "not_found", "no task with that id")
+    document = gateway.board.query("get", task_id)
+    if document is None:
+        raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % task_id)
+    return document
+
+
+def list_tasks(gateway, exchange):
+    query = urllib.parse.parse_qs(exchange.environ.get("QUERY_STRING", ""))
+    limit_text = query.get("limit", ["50"])[-1]
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        raise GatewayError(400, "invalid_request", "limit must be a whole number from 1 to 1000")
+    state = query.get("state", [None])[-1]
+    if state is not None and state not in status.STATES:
+        raise GatewayError(400, "invalid_request", "state must be one of %s" % ", ".join(status.STATES))
+    items = gateway.board.query("recent", int(limit_text), state)
+    return exchange.answer(200, {"items": items, "count": len(items)})
+
+
+def cancel_task(gateway, exchange, task_id):
+    """DELETE /tasks/<id>: cancel it wherever it runs, and wait (briefly)
+    to answer with its final document."""
+    document = known_task(gateway, task_id)
+    if document["state"] not in status.LIVE_STATES:
+        raise GatewayError(409, "task_finished", "task %s has already finished (%s)" % (task_id, document["state"]))
+    local = gateway.watcher.local(task_id)
+    if local is not None:
+        local.call.abort("cancelled")
+    else:
+        gateway.board.query("request_cancel", task_id)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        document = gateway.board.query("get", task_id) or document
+        if document["state"] not in status.LIVE_STATES:
+            return exchange.answer(200, document)
+    return exchange.answer(202, document)
+
+
+# ================================================================ 10. metrics
+
+
+class Metrics:
+    """Prometheus metrics, summed over all workers (README, "Metrics").
+
+    ``prometheus_client`` is an optional extra (``pip install
+    'edgegate[metrics]'``); without it every method here does nothing and
+    ``/metrics`` answers 404 saying what to install. Its multiprocess mode
+    keeps each worker's values in files under ``STATE_DIR/metrics``, which
+    gunicorn.conf.py empties when the server starts; the library reads the
+    directory from PROMETHEUS_MULTIPROC_DIR when it is first imported, so it
+    is set here, after the fork and before that import.
+    """
+
+    ROUTE_CLASSES = (("/v1/", "proxy"), ("/api/", "proxy"), ("/tasks/", "tasks"), ("/slots", "slots"),
+                     ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"))
+
+    def __init__(self, directory, slots):
+        self.slots = slots
+        self.enabled = False
+        os.makedirs(directory, exist_ok=True)
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", directory)
+        try:
+            import prometheus_client as prom
+            from prometheus_client import multiprocess
+            from prometheus_client.core import GaugeMetricFamily
+        except ImportError:
+            return
+        self.prom, self.multiprocess, self.GaugeMetricFamily = prom, multiprocess, GaugeMetricFamily
+        seconds = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+        own = {"registry": None}  # the values live in the multiprocess files, read at scrape time
+        self.requests = prom.Counter("edgegate_requests_total", "Requests answered, by route class and status",
+                                     ["route", "status"], **own)
+        self.gpu_busy = prom.Counter("edgegate_gpu_busy_total", "Inference requests refused with 503 gpu_busy",
+                                     **own)
+        self.slot_wait = prom.Histogram("edgegate_slot_wait_seconds", "Time spent waiting for a GPU slot",
+                                        buckets=seconds, **own)
+        self.slot_hold = prom.Histogram("edgegate_slot_hold_seconds", "Time a GPU slot was held", buckets=seconds,
+                                        **own)
+        self.ttft = prom.Histogram("edgegate_time_to_first_token_seconds",
+                                   "From a request's arrival to the upstream's first body byte", buckets=seconds,
+                                   **own)
+        self.upstream_errors = prom.Counter("edgegate_upstream_errors_total", "Failed upstream calls, by kind",
+                                            ["kind"], **own)
+        self.store_errors = prom.Counter("edgegate_store_errors_total", "Failed task store calls", **own)
+        self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
+                                       multiprocess_mode="livesum", **own)
+        self.enabled = True
+
+    def request(self, path, status_code):
+        if self.enabled:
+            route = next((name for prefix, name in self.ROUTE_CLASSES if path.startswith(prefix)), "other")
+            if path in INFERENCE_PATHS:
+                route = "inference"
+            self.requests.labels(route, str(status_code or "-")).inc()
+
+    def observe(self, histogram, seconds):
+        if self.enabled:
+            getattr(self, histogram).observe(seconds)
+
+    def count(self, counter, label=None):
+        if self.enabled:
+            metric = getattr(self, counter)
+            (metric.labels(label) if label else metric).inc()
+
+    def streams(self, change):
+        if self.enabled:
+            self.open_streams.inc(change)
+
+    def exposition(self):
+        """The text of /metrics: every worker's values, and the slots now."""
+        registry = self.prom.CollectorRegistry()
+        self.multiprocess.MultiProcessCollector(registry)
+        held = sum(1 for slot in self.slots.describe() if slot["state"] == "held")
+        slots = self.GaugeMetricFamily("edgegate_gpu_slots", "GPU slots by state", labels=["state"])
+        slots.add_metric(["held"], held)
+        slots.add_metric(["free"], len(self.slots.paths) - held)
+        registry.register(_Fixed([slots]))
+        return self.prom.generate_latest(registry)
+
+
+class _Fixed:
+    """A Prometheus collector that returns metric families made at scrape time."""
+
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+# ================================================================ 11. the cloud route
 
 CLOUD_PREFIX = "openai/"
 CLOUD_PATHS = "/v1/* and /api/chat"
@@ -1222,6 +1775,56 @@ CLOUD_PATHS = "/v1/* and /api/chat"
 def is_cloud_model(document):
     model = document.get("model") if document else None
     return isinstance(model, str) and model.startswith(CLOUD_PREFIX)
+
+
+def cloud_forward(gateway, exchange, request):
+    """README, "Cloud route": ``openai/<model>`` goes to OPENAI_BASE_URL with
+    the gateway's key and no GPU slot; /v1 as it is, /api/chat translated to
+    a chat completion, and its answer back to Ollama's shape. This is the
+    route's one seam with the core: a Forward, with a Translation or not."""
+    config, document = gateway.config, request.document
+    if not config.openai_api_key:
+        raise GatewayError(503, "provider_not_configured",
+                           "model %s needs the cloud route: set OPENAI_API_KEY" % document["model"],
+                           provider="openai", stage="upstream_unreachable")
+    if not (request.path.startswith("/v1/") or request.path == "/api/chat"):
+        raise GatewayError(400, "invalid_request", "the cloud route (openai/...) serves %s" % CLOUD_PATHS)
+    model = document["model"][len(CLOUD_PREFIX):]
+    headers = forwarded_headers(exchange.environ, strip_keys=True)
+    headers["Authorization"] = "Bearer " + config.openai_api_key
+    headers["Content-Type"] = "application/json"
+    if request.path != "/api/chat":
+        body = json.dumps(dict(document, model=model)).encode()
+        return Forward(gateway.cloud, "openai", "the cloud (openai)", "POST",
+                       upstream_target(exchange.environ, request.path), headers, body)
+    chat = ollama_chat_to_openai(document, model)
+    headers["Accept-Encoding"] = "identity"  # the translation reads the answer's bytes
+    return Forward(gateway.cloud, "openai", "the cloud (openai)", "POST", "/v1/chat/completions", headers,
+                   json.dumps(chat).encode(), Translation(document["model"], chat["stream"]))
+
+
+class Translation:
+    """The cloud's chat completion as Ollama's /api/chat answer: NDJSON lines
+    when streaming, one JSON document otherwise."""
+
+    def __init__(self, model, stream):
+        self.model = model
+        self.stream_format = "ndjson" if stream else None
+        self.content_type = "application/x-ndjson" if stream else "application/json"
+
+    def answer(self, chunks):
+        if self.stream_format:
+            return openai_stream_to_ollama(chunks, self.model)
+        return self._whole(chunks)
+
+    def _whole(self, chunks):
+        started = time.monotonic()
+        raw = b"".join(chunks)
+        try:
+            document = openai_answer_to_ollama(json.loads(raw), self.model, started)
+        except (ValueError, AttributeError, TypeError) as error:
+            raise CloudError("the cloud's answer is not a chat completion: %s" % error)
+        yield json.dumps(document).encode()
 
 
 def _iso_now():
@@ -1358,516 +1961,7 @@ def openai_stream_to_ollama(chunks, model):
     raise CloudError("the cloud stream ended without [DONE]")
 
 
-# ================================================================ metrics
-
-
-class Metrics:
-    """Prometheus metrics, summed over all workers (SPEC 10).
-
-    ``prometheus_client`` is an optional extra (``pip install
-    'edgegate[metrics]'``); without it every method here does nothing and
-    ``/metrics`` answers 404 saying what to install. Its multiprocess mode
-    keeps each worker's values in files under ``STATE_DIR/metrics``, which
-    gunicorn.conf.py empties when the server starts; the library reads the
-    directory from PROMETHEUS_MULTIPROC_DIR when it is first imported, so it
-    is set here, after the fork and before that import.
-    """
-
-    ROUTE_CLASSES = (("/v1/", "proxy"), ("/api/", "proxy"), ("/tasks/", "tasks"), ("/slots", "slots"),
-                     ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"))
-
-    def __init__(self, directory, slots):
-        self.slots = slots
-        self.enabled = False
-        os.makedirs(directory, exist_ok=True)
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", directory)
-        try:
-            import prometheus_client as prom
-            from prometheus_client import multiprocess
-            from prometheus_client.core import GaugeMetricFamily
-        except ImportError:
-            return
-        self.prom, self.multiprocess, self.GaugeMetricFamily = prom, multiprocess, GaugeMetricFamily
-        seconds = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-        own = {"registry": None}  # the values live in the multiprocess files, read at scrape time
-        self.requests = prom.Counter("edgegate_requests_total", "Requests answered, by route class and status",
-                                     ["route", "status"], **own)
-        self.gpu_busy = prom.Counter("edgegate_gpu_busy_total", "Inference requests refused with 503 gpu_busy",
-                                     **own)
-        self.slot_wait = prom.Histogram("edgegate_slot_wait_seconds", "Time spent waiting for a GPU slot",
-                                        buckets=seconds, **own)
-        self.slot_hold = prom.Histogram("edgegate_slot_hold_seconds", "Time a GPU slot was held", buckets=seconds,
-                                        **own)
-        self.ttft = prom.Histogram("edgegate_time_to_first_token_seconds",
-                                   "From a request's arrival to the upstream's first body byte", buckets=seconds,
-                                   **own)
-        self.upstream_errors = prom.Counter("edgegate_upstream_errors_total", "Failed upstream calls, by kind",
-                                            ["kind"], **own)
-        self.store_errors = prom.Counter("edgegate_store_errors_total", "Failed task store calls", **own)
-        self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
-                                       multiprocess_mode="livesum", **own)
-        self.enabled = True
-
-    def request(self, path, status_code):
-        if self.enabled:
-            route = next((name for prefix, name in self.ROUTE_CLASSES if path.startswith(prefix)), "other")
-            if path in INFERENCE_PATHS:
-                route = "inference"
-            self.requests.labels(route, str(status_code)).inc()
-
-    def observe(self, histogram, seconds):
-        if self.enabled:
-            getattr(self, histogram).observe(seconds)
-
-    def count(self, counter, label=None):
-        if self.enabled:
-            metric = getattr(self, counter)
-            (metric.labels(label) if label else metric).inc()
-
-    def streams(self, change):
-        if self.enabled:
-            self.open_streams.inc(change)
-
-    def exposition(self):
-        """The text of /metrics: every worker's values, and the slots now."""
-        registry = self.prom.CollectorRegistry()
-        self.multiprocess.MultiProcessCollector(registry)
-        held = sum(1 for slot in self.slots.describe() if slot["state"] == "held")
-        slots = self.GaugeMetricFamily("edgegate_gpu_slots", "GPU slots by state", labels=["state"])
-        slots.add_metric(["held"], held)
-        slots.add_metric(["free"], len(self.slots.paths) - held)
-        registry.register(_Fixed([slots]))
-        return self.prom.generate_latest(registry)
-
-
-class _Fixed:
-    """A Prometheus collector that returns metric families made at scrape time."""
-
-    def __init__(self, families):
-        self.families = families
-
-    def collect(self):
-        return self.families
-
-
-# ================================================================ the app
-
-
-class Gateway:
-    """The WSGI application.
-
-        from gateway import Gateway, Config
-        app = Gateway(Config.from_environ())
-
-    Nothing starts at construction: threads, sessions and the store come up
-    on the first request in each worker process, after gunicorn's fork.
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.slots = GpuSlots(config.gpu_lock_dir, config.gpu_slots)
-        self.retry_after = [("Retry-After", str(config.retry_after_s))]
-        self.lifetimes = ModelLifetimes()
-        self._pid = None
-        self._start_lock = threading.Lock()
-        self.upstream = Upstream(config.upstream_base, config.connect_timeout_s, config.read_timeout_s,
-                                 config.upstream_retries)
-        self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
-                              config.upstream_retries)
-
-    # -- per-process start
-
-    def _start(self):
-        with self._start_lock:
-            if self._pid == os.getpid():
-                return
-            self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
-            self.board = status.TaskBoard(status.open_store(self.config),
-                                          on_failure=lambda: self.metrics.count("store_errors"))
-            self.watcher = Watcher(self.board, self.config.heartbeat_sec)
-            self._pid = os.getpid()
-
-    # -- routing
-
-    def __call__(self, environ, start_response):
-        if self._pid != os.getpid():
-            self._start()
-        path = environ.get("PATH_INFO") or "/"
-        method = environ.get("REQUEST_METHOD", "GET")
-
-        def counted_start_response(status_text, headers, exc_info=None):
-            self.metrics.request(path, status_text[:3])
-            return start_response(status_text, headers, exc_info)
-
-        try:
-            return self.route(environ, counted_start_response, path, method)
-        except Exception:  # a bug of ours: still one envelope, never a bare 500
-            log.exception("internal error on %s %s", method, _printable(path))
-            return error_response(counted_start_response, GatewayError(
-                500, "internal_error", "the gateway failed on this request; see its log"))
-
-    def route(self, environ, start_response, path, method):
-        try:
-            if path == "/healthz":
-                return json_response(start_response, 200, {"status": "ok", "pid": os.getpid()})
-            self.check_api_key(environ)
-            if path.startswith(("/v1/", "/api/")):
-                return self.proxy(environ, start_response, path, method)
-            if path == "/readyz":
-                return self.readyz(start_response)
-            if path == "/slots" and method == "GET":
-                return json_response(start_response, 200, {"slots": self.slots.describe()})
-            if path == "/tasks/status" and method == "GET":
-                return self.list_tasks(environ, start_response)
-            if path.startswith("/tasks/status/") and method == "GET":
-                return self.task_status(start_response, path[len("/tasks/status/"):])
-            if path.startswith("/tasks/") and method == "DELETE":
-                return self.cancel_task(start_response, path[len("/tasks/"):])
-            if path == "/metrics" and method == "GET":
-                return self.metrics_text(start_response)
-            raise GatewayError(404, "not_found", "no route for %s %s" % (method, _printable(path)))
-        except GatewayError as error:
-            return error_response(start_response, error)
-        except status.StoreUnavailable as error:
-            return error_response(start_response, GatewayError(503, "store_unavailable", str(error),
-                                                               provider=error.provider))
-
-    def check_api_key(self, environ):
-        """GATEWAY_API_KEYS (SPEC 7): Bearer or X-API-Key, in constant time."""
-        if not self.config.api_keys:
-            return
-        offered = environ.get("HTTP_X_API_KEY", "")
-        authorization = environ.get("HTTP_AUTHORIZATION", "")
-        if authorization[:7].lower() == "bearer ":
-            offered = authorization[7:].strip()
-        offered = offered.encode("utf-8", "replace")
-        match = False
-        for key in self.config.api_keys:  # no early exit: same time whichever key matches
-            match |= hmac.compare_digest(offered, key)
-        if not match:
-            raise GatewayError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
-                               headers=[("WWW-Authenticate", "Bearer")])
-
-    # -- the proxied request, step by step
-
-    def proxy(self, environ, start_response, path, method):
-        task_id = self.task_id_of(environ)
-        if path.rstrip("/") != posixpath.normpath(path):
-            return error_response(start_response, GatewayError(
-                400, "invalid_request", "the path must not contain '.', '..' or '//' segments"), task_id)
-        provider = "ollama"
-        task = status.Task(self.board, task_id, self.config.algorithm_id, method, path)
-        inference = method == "POST" and path in INFERENCE_PATHS
-        try:  # checked before the claim, so that the first document names the model
-            self.refuse_management(path)
-            raw = read_body(environ, self.config.max_body_bytes)
-            body, document = self.prepare_body(path, raw, inference, task)
-            refusal = None
-        except GatewayError as error:
-            refusal = error
-        if not task.claim():
-            return error_response(start_response, GatewayError(
-                409, "task_id_in_use", "task %s is still pending or running" % task_id), task_id)
-        exchange = Exchange(self, environ, task, provider)
-        self.watcher.watch(exchange)
-        _this_thread.call = exchange.call
-        try:
-            if refusal:
-                raise refusal
-            if inference and is_cloud_model(document):
-                return self.to_cloud(environ, start_response, exchange, path, document)
-            if inference:
-                exchange.take_slot(path)
-                self.give_model_its_lifetime(path, document, environ)
-            else:
-                task.set(RUNNING, "forwarding", "forwarded to the upstream")
-            exchange.upstream = self.forward(environ, path, method, body, exchange)
-            return self.respond(start_response, exchange, path)
-        except GatewayError as error:
-            exchange.close(error)
-            return error_response(start_response, error, task_id)
-        except BaseException:  # a bug of ours: release everything, then __call__ answers 500
-            exchange.close(GatewayError(500, "internal_error", "the gateway failed", stage="internal_error"))
-            raise
-
-    def to_cloud(self, environ, start_response, exchange, path, document):
-        """SPEC 8: ``openai/<model>`` goes to OPENAI_BASE_URL with the
-        gateway's key and no GPU slot; /v1 as it is, /api/chat translated."""
-        exchange.provider = "openai"
-        if not self.config.openai_api_key:
-            raise GatewayError(503, "provider_not_configured",
-                               "model %s needs the cloud route: set OPENAI_API_KEY" % document["model"],
-                               provider="openai", stage="upstream_unreachable")
-        if not (path.startswith("/v1/") or path == "/api/chat"):
-            raise GatewayError(400, "invalid_request", "the cloud route (openai/...) serves %s" % CLOUD_PATHS)
-        model = document["model"][len(CLOUD_PREFIX):]
-        headers = forwarded_headers(environ, strip_keys=True)
-        headers["Authorization"] = "Bearer " + self.config.openai_api_key
-        headers["Content-Type"] = "application/json"
-        if path == "/api/chat":
-            body = ollama_chat_to_openai(document, model)
-            target = "/v1/chat/completions"
-        else:
-            body = dict(document, model=model)
-            target = upstream_target(environ, path)
-        exchange.task.set(RUNNING, "forwarding", "forwarded to the cloud (openai)")
-        exchange.upstream = self.send(exchange, self.cloud, "POST", target, headers, json.dumps(body).encode())
-        if path != "/api/chat":
-            return self.respond(start_response, exchange, path)
-        return self.respond_as_ollama_chat(start_response, exchange, document["model"], body["stream"])
-
-    def respond_as_ollama_chat(self, start_response, exchange, model, stream):
-        """The cloud's chat completion in the shape of Ollama's /api/chat."""
-        upstream = exchange.upstream
-        exchange.task.extensions["upstream_status"] = upstream.status_code
-        task_id = exchange.task.task_id
-        if upstream.status_code >= 400:  # in Ollama's error shape, which its clients parse
-            return json_response(start_response, upstream.status_code,
-                                 {"error": self.upstream_error_message(exchange)}, [("X-Task-Id", task_id)])
-        if not stream:
-            try:
-                raw = upstream.raw.read(16 * 1024 * 1024, decode_content=True)
-            except Exception as error:
-                raise exchange.upstream_failure(error)
-            try:
-                answer = openai_answer_to_ollama(json.loads(raw), model, exchange.started)
-            except (ValueError, AttributeError, TypeError) as error:
-                raise exchange.upstream_failure(ValueError("the cloud's answer is not a chat completion: %s" % error))
-            exchange.release()
-            exchange.finish(SUCCESS, "completed", "completed", prompt_tokens=answer["prompt_eval_count"],
-                            completion_tokens=answer["eval_count"])
-            exchange.close()
-            return json_response(start_response, 200, answer, [("X-Task-Id", task_id)])
-        relay = Relay(exchange, upstream, "ndjson", translate=lambda chunks: openai_stream_to_ollama(chunks, model))
-        start_response("200 OK", [("Content-Type", "application/x-ndjson"), ("X-Task-Id", task_id)])
-        return relay
-
-    def task_id_of(self, environ):
-        given = environ.get("HTTP_X_TASK_ID")
-        if given is None:
-            return str(uuid.uuid4())
-        if not TASK_ID_RE.match(given) or given in status.RESERVED_TASK_IDS:
-            raise GatewayError(400, "invalid_task_id",
-                               "X-Task-Id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ "
-                               "and not be 'index' or 'cancels'")
-        return given
-
-    def refuse_management(self, path):
-        if is_management(path) and not self.config.allow_management:
-            raise GatewayError(403, "management_disabled",
-                               "%s is disabled on this gateway (set ALLOW_MANAGEMENT=1 to allow it)" % path)
-
-    def prepare_body(self, path, raw, inference, task):
-        """Parse and adjust an inference body; everything else passes as is."""
-        if not inference:
-            return raw, None
-        document = parse_json_object(raw)
-        changed = False if is_cloud_model(document) else adjust_body(path, document, self.config)
-        stream = document.get("stream", path.startswith("/api/") and path not in EMBEDDING_PATHS)
-        task.extensions.update(model=document.get("model"), stream=bool(stream))
-        return (json.dumps(document).encode() if changed else raw), document
-
-    def give_model_its_lifetime(self, path, document, environ):
-        """The /v1 keep_alive load call (see ModelLifetimes)."""
-        if not path.startswith("/v1/"):
-            return
-        keep_alive = document.get("keep_alive", self.config.keep_alive_default)
-        model = document.get("model")
-        if keep_alive in ("", None) or not self.lifetimes.needed(model, keep_alive):
-            return
-        load_path = "/api/embed" if path in EMBEDDING_PATHS else "/api/generate"
-        headers = forwarded_headers(environ, bool(self.config.api_keys))
-        headers["Content-Type"] = "application/json"
-        try:
-            answer = self.upstream.send("POST", load_path, headers,
-                                        json.dumps({"model": model, "keep_alive": keep_alive}).encode())
-            _ = answer.content  # read it all, so that the connection goes back to the pool
-        except requests.RequestException:
-            return  # the request itself will meet the same problem and report it
-        if answer.status_code == 404 and not _ollama_error(answer):
-            # Ollama's own 404 (unknown model) is {"error": "..."}; anything
-            # else means the route itself is missing.
-            if self.lifetimes.native_api_gone():
-                log.warning("the upstream answered 404 to %s: it does not speak Ollama's native API; "
-                            "no more keep_alive load calls are sent", load_path)
-        elif answer.status_code < 400:
-            self.lifetimes.used(model, keep_alive)
-
-    def forward(self, environ, path, method, body, exchange):
-        """Send the request upstream; the response comes back unread."""
-        if not body and not environ.get("CONTENT_LENGTH"):
-            body = None  # the client sent no body: no Content-Length either
-        return self.send(exchange, self.upstream, method, upstream_target(environ, path),
-                         forwarded_headers(environ, bool(self.config.api_keys)), body)
-
-    def send(self, exchange, upstream, method, target, headers, body):
-        """``upstream.send``, its failure named once: the client's hang-up
-        or a DELETE if the exchange was aborted, else what the upstream did."""
-        try:
-            return upstream.send(method, target, headers, body)
-        except requests.RequestException as error:
-            if exchange.call.reason:
-                raise exchange.abort_error()
-            raise upstream_error(error, exchange.provider, self.retry_after)
-
-    def respond(self, start_response, exchange, path):
-        upstream = exchange.upstream
-        exchange.task.extensions["upstream_status"] = upstream.status_code
-        if upstream.status_code >= 400 and path.startswith("/v1/"):
-            return self.enveloped_upstream_error(start_response, exchange)
-        headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP]
-        headers.append(("X-Task-Id", exchange.task.task_id))
-        relay = Relay(exchange, upstream, stream_format(upstream))
-        start_response("%d %s" % (upstream.status_code, upstream.reason or REASONS.get(upstream.status_code, "")),
-                       headers)
-        return relay
-
-    def upstream_error_message(self, exchange):
-        """Read an upstream's error answer (1 MiB at most), end the task
-        with its message, release everything, and return the message."""
-        upstream = exchange.upstream
-        try:
-            raw = upstream.raw.read(1024 * 1024, decode_content=True)
-        except Exception as error:
-            raise exchange.upstream_failure(error)
-        message = _ollama_message(raw) or "the upstream answered %d" % upstream.status_code
-        exchange.release()
-        exchange.finish(FAILED, "upstream_error", message)
-        exchange.close()
-        return message
-
-    def enveloped_upstream_error(self, start_response, exchange):
-        """An upstream error on /v1: its status and message, in our envelope."""
-        status_code = exchange.upstream.status_code
-        error = GatewayError(status_code, _upstream_code(status_code), self.upstream_error_message(exchange),
-                             provider=exchange.provider, stage="upstream_error")
-        return error_response(start_response, error, exchange.task.task_id)
-
-    def busy_message(self):
-        held = [s for s in self.slots.describe() if s["state"] == "held"]
-        if not held:
-            return "GPU slot busy"
-        first = held[0]
-        since = first.get("since")
-        age = " for %.1f s" % (time.time() - since) if isinstance(since, (int, float)) else ""
-        who = "task %s" % first["task_id"] if first.get("task_id") else "pid %s" % first.get("pid")
-        return "GPU slot busy (held by %s%s)" % (who, age)
-
-    # -- the gateway's own routes
-
-    def metrics_text(self, start_response):
-        if not self.metrics.enabled:
-            raise GatewayError(404, "not_found", "metrics need prometheus_client: pip install 'edgegate[metrics]'")
-        body = self.metrics.exposition()
-        start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                                  ("Content-Length", str(len(body)))])
-        return [body]
-
-    def readyz(self, start_response):
-        problems = []
-        try:
-            answer = self.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-readyz"},
-                                        timeout=(1.0, 1.0))
-            _ = answer.content  # read it all, so that the connection goes back to the pool
-            if answer.status_code >= 500:
-                problems.append(("upstream", "the upstream answered %d to /api/version" % answer.status_code))
-        except requests.RequestException as error:
-            problems.append(("upstream", "the upstream does not answer: %s" % _short(error)))
-        try:
-            self.board.query("ping")
-        except status.StoreUnavailable as error:
-            problems.append((error.provider, str(error)))
-        if problems:
-            names = ", ".join(p[0] for p in problems)
-            message = "not ready: " + "; ".join(p[1] for p in problems)
-            provider = problems[0][0] if problems[0][0] != "upstream" else "ollama"
-            code = "upstream_unreachable" if problems[0][0] == "upstream" else "store_unavailable"
-            return json_response(start_response, 503, envelope(code, message, provider, None),
-                                 [("X-Not-Ready", names)])
-        return json_response(start_response, 200, {"status": "ready", "store": self.board.provider})
-
-    def task_status(self, start_response, task_id):
-        if not TASK_ID_RE.match(task_id):
-            raise GatewayError(404, "not_found", "no task with that id")
-        document = self.board.query("get", task_id)
-        if document is None:
-            raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % task_id)
-        return json_response(start_response, 200, document)
-
-    def list_tasks(self, environ, start_response):
-        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
-        limit_text = query.get("limit", ["50"])[-1]
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
-            raise GatewayError(400, "invalid_request", "limit must be a whole number from 1 to 1000")
-        state = query.get("state", [None])[-1]
-        if state is not None and state not in status.STATES:
-            raise GatewayError(400, "invalid_request", "state must be one of %s" % ", ".join(status.STATES))
-        items = self.board.query("recent", int(limit_text), state)
-        return json_response(start_response, 200, {"items": items, "count": len(items)})
-
-    def cancel_task(self, start_response, task_id):
-        """DELETE /tasks/<id>: cancel it wherever it runs, and wait (briefly)
-        to answer with its final document."""
-        if not TASK_ID_RE.match(task_id):
-            raise GatewayError(404, "not_found", "no task with that id")
-        document = self.board.query("get", task_id)
-        if document is None:
-            raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % task_id)
-        if document["state"] not in status.LIVE_STATES:
-            raise GatewayError(409, "task_finished", "task %s has already finished (%s)"
-                               % (task_id, document["state"]))
-        local = self.watcher.local(task_id)
-        if local is not None:
-            local.abort("cancelled")
-        else:
-            self.board.query("request_cancel", task_id)
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            document = self.board.query("get", task_id) or document
-            if document["state"] not in status.LIVE_STATES:
-                return json_response(start_response, 200, document)
-        return json_response(start_response, 202, document)
-
-
-def _ollama_error(response):
-    try:
-        return isinstance(response.json().get("error"), str)
-    except ValueError:
-        return False
-
-
-def _ollama_message(raw):
-    """The message of an Ollama error body: ``{"error": "..."}`` on /api,
-    ``{"error": {"message": "..."}}`` from its OpenAI layer."""
-    try:
-        error = json.loads(raw).get("error")
-    except (ValueError, AttributeError):
-        return raw.decode("utf-8", "replace")[:500] if raw else None
-    if isinstance(error, dict):
-        return error.get("message")
-    return error if isinstance(error, str) else None
-
-
-def _upstream_code(status_code):
-    return {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-            429: "rate_limited"}.get(status_code, "upstream_error")
-
-
-def _printable(text):
-    return text.encode("ascii", "backslashreplace").decode()[:200]
-
-
-# ================================================================ entry points
-
-
-def load_config():
-    """The configuration, or one line on stderr and exit 2."""
-    try:
-        return Config.from_environ()
-    except ConfigError as error:
-        print("edgegate: configuration error: %s" % error, file=sys.stderr)
-        raise SystemExit(2)
+# ================================================================ 12. entry points
 
 
 app = Gateway(load_config())

@@ -8,6 +8,7 @@ worker is forked.
 import logging
 import os
 import shutil
+import sys
 
 from gateway import load_config
 
@@ -43,16 +44,13 @@ worker_connections = max(1000, 4 * threads)
 # default; an audited edge box gets no management socket it does not use.
 control_socket_disable = True
 
-# Access log: one line per request on stdout (SPEC 10). Path without the
-# query string, and no request headers: a prompt, a completion or a key never
-# reaches the log. The edgegate.* values are put in the WSGI environ by the
-# gateway (slot wait and time to first byte in ms); %(M)s is the duration in
-# ms and %(B)s the bytes sent.
-accesslog = "-"
-access_log_format = (
-    '%(h)s "%(m)s %(U)s" %(s)s task=%({x-task-id}o)s model=%({edgegate.model}e)s '
-    "slot_wait_ms=%({edgegate.slot_wait_ms}e)s ttfb_ms=%({edgegate.ttfb_ms}e)s duration_ms=%(M)s bytes=%(B)s"
-)
+# Access log: the gateway writes its own line per request when the request
+# ends (gateway.py, Exchange.close), so that it can hold the task id, the
+# model, the slot wait and the time to first byte, and escape every value
+# from the request (one request is always one line). It goes to stdout;
+# gunicorn's own access log is off so that a request is not logged twice.
+# The line never holds a query string, a header, a prompt, a completion or a key.
+accesslog = None
 
 METRICS_DIR = os.path.join(edgegate.state_dir, "metrics")
 
@@ -66,11 +64,18 @@ def on_starting(server):
 
 def post_fork(server, worker):
     """The gateway's own messages (store down, upstream without Ollama's
-    native API, internal errors) go to gunicorn's error log, formatted alike."""
+    native API, internal errors) go to gunicorn's error log, formatted alike;
+    its access lines go to stdout, one per request."""
     gateway_log = logging.getLogger("edgegate")
     gateway_log.handlers = server.log.error_log.handlers
     gateway_log.setLevel(logging.INFO)
     gateway_log.propagate = False
+    access_log = logging.getLogger("edgegate.access")
+    access_handler = logging.StreamHandler(sys.stdout)
+    access_handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.handlers = [access_handler]
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
 
 
 def child_exit(server, worker):

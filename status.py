@@ -1,7 +1,7 @@
 """Task status: where every request through edgegate stands, kept in Redis or
 in an embedded SQLite file.
 
-A task is one proxied request. Its document (SPEC section 3) goes through
+A task is one proxied request. Its document (README, "Task status") goes through
 
     PENDING (waiting for the GPU slot)
       -> RUNNING (stage "forwarding", then "streaming"; refreshed as a heartbeat)
@@ -100,7 +100,7 @@ def _pick_recent(pages, limit, state, stale_after):
 
 
 class RedisStore:
-    """Task documents in Redis (SPEC section 3).
+    """Task documents in Redis (README, "Task status").
 
     One request costs two round trips on its own thread: the claim (a Lua
     script: refuse a live id, else write the document and index it) and the

@@ -1,4 +1,4 @@
-"""SPEC 8: ``openai/<model>`` goes to the cloud with the gateway's key, no
+"""README, "Cloud route": ``openai/<model>`` goes to the cloud with the gateway's key, no
 GPU slot and no keep_alive; /v1 verbatim, /api/chat translated both ways.
 The cloud is a second stub server on 127.0.0.1."""
 

@@ -1,4 +1,4 @@
-"""Every error of SPEC section 6, produced for real and checked from outside;
+"""Every error in the README's "Errors", produced for real and checked from outside;
 the API key; configuration that stops the start; health and readiness."""
 
 import json

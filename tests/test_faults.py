@@ -277,7 +277,9 @@ def test_slow_reader_is_dropped_without_buffering_for_it(gw, stub):
 
 @pytest.mark.slow
 def test_a_crowd_of_200_connections(gw, stub):
-    holder = raw_request(gw, "/api/chat", CHAT, [("X-Stub", "stall=30")])
+    # The holder keeps talking (this gateway's read timeout is 1 s, and the
+    # crowd can take about that long on a loaded 2-core machine).
+    holder = raw_request(gw, "/api/chat", CHAT, [("X-Stub", "chunks=100,chunk_delay=0.3")])
     assert wait_until(lambda: gw.slots()[0]["state"] == "held", 5)
     other, _, threads = worker_counts(gw)
 
