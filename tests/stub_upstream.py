@@ -1,5 +1,49 @@
 """A stand-in for Ollama: a real HTTP server on 127.0.0.1 that speaks Ollama's
-native API and its OpenAI-compatible API, and can be told how to misbehave.
+native API, its OpenAI-compatible API and its Anthropic Messages API, and can
+be told how to misbehave.
+
+Routes, in the shapes Ollama's own source gives them (server/routes.go
+GenerateRoutes, anthropic/anthropic.go, middleware/anthropic.go,
+middleware/openai.go):
+
+    GET|HEAD /                      200 "Ollama is running" (text/plain)
+    GET|HEAD /api/version, /api/tags; GET /api/ps, /api/status; POST /api/show
+    POST /api/generate, /api/chat, /api/embed, /api/embeddings   (NDJSON / JSON)
+    GET /v1/models; POST /v1/chat/completions, /v1/completions,
+         /v1/embeddings, /v1/responses                            (SSE / JSON)
+    POST /v1/messages               Anthropic Messages: JSON, or with
+                                    "stream": true Ollama's SSE sequence
+                                    message_start (usage.input_tokens: Ollama's
+                                    len/4 estimate), content_block_start,
+                                    content_block_delta..., content_block_stop,
+                                    message_delta (usage: the real input_tokens
+                                    and output_tokens), message_stop; errors as
+                                    {"type": "error", "error": {"type", "message"},
+                                    "request_id"}
+    POST /v1/audio/transcriptions   multipart form (model, file, response_format,
+                                    language, prompt) -> {"text": ..., "received":
+                                    {"model", "filename", "content_type", "bytes",
+                                    "sha256", "fields"}}: what arrived, so a test
+                                    can check the file came byte for byte
+    POST /api/me, /api/signout, /api/experimental/web_search,
+         /api/experimental/web_fetch; DELETE /api/user/keys/<key>;
+    GET /api/experimental/model-recommendations    account and web routes (200)
+    POST /api/pull, /api/push, /api/create, /api/copy, /api/blobs/<digest>;
+    HEAD /api/blobs/<digest>; DELETE /api/delete   management routes (200/201)
+
+Loaded models (``server.loaded``: name -> {"keep_alive": seconds, "expires_at":
+unix time}; math.inf = forever) follow Ollama's scheduler (server/sched.go): an
+inference request loads its model; a native ``keep_alive`` sets its lifetime
+(seconds, or a Go duration string; negative = forever); a request without one
+(and every /v1 request: Ollama drops the field there) keeps a loaded model's
+lifetime, or gets the default 5m when it loads it. ``keep_alive`` 0 with no
+prompt (generate) or no messages (chat) unloads at once and answers
+``"done_reason": "unload"``; with a prompt the model is unloaded after the
+answer. /api/generate without a prompt and /api/chat without messages answer
+``"done_reason": "load"``. ``GET /api/ps`` lists the unexpired ones, longest
+left first. Names ending ``:cloud`` or ``-cloud`` (Ollama's cloud models) are
+never loaded. ``server.load(model, keep_alive)`` and ``server.loaded_models()``
+set and read it; ``reset()`` empties it.
 
 Behaviour comes from the server's ``defaults`` (tests set them directly) and
 from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
@@ -12,9 +56,11 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     word=W            each piece is the text W
     tool_call=NAME    /v1 chat answers with a call of tool NAME (streamed in fragments)
     sse_error_after=N an SSE stream sends an error event after N events
+                      (/v1/messages: "event: error" in Anthropic's shape)
     linger=S          wait S seconds after the last piece before ending the chunked body
                       (as llama.cpp's server does after data: [DONE])
     status=C          answer with status C and an error body in the route's shape
+                      (/api: {"error"}; /v1: OpenAI's; /v1/messages: Anthropic's)
     reset_after=N     reset the connection (RST) after N pieces; 0 = before headers
     truncate_after=N  close after N pieces without ending the chunked body
     malformed=1       a 200 whose JSON body is broken
@@ -23,36 +69,65 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     never=1           accept and never answer
     gzip=1            a gzip-encoded JSON body
 
-Every request is recorded (``received``): method, path, query, headers, body,
-when it arrived, and when the client hung up (``hangup_at``), which is how the
-tests measure that the gateway closes the upstream connection.
+Every request is recorded (``received``): method, path, query, headers (a dict
+with lower-case names, and ``raw_headers``: the (name, value) pairs as they
+came, in order, duplicates kept), body (the bytes as they came: a chunked body
+is de-chunked, a Content-Encoding is left as it is; ``decoded()`` undoes gzip,
+deflate and, if the ``zstandard`` module is there, zstd), ``form`` for a
+multipart body (name -> str, or bytes for a file), when it arrived, and when the
+client hung up (``hangup_at``), which is how the tests measure that the gateway
+closes the upstream connection.
 
 Run alone for the benchmark: ``python tests/stub_upstream.py --port 8000``.
 """
 
 import argparse
+import datetime
 import gzip
+import hashlib
 import json
+import math
+import os
+import re
 import select
 import socket
 import struct
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+try:  # optional: only to decode a zstd request body as Ollama's /v1 routes do
+    import zstandard
+except ImportError:
+    zstandard = None
 
 MODELS = ["llama3.2:latest", "nomic-embed-text:latest"]
 WORDS = ["Hello", " from", " the", " stub", " upstream", "."]
+CREATED_AT = "2026-01-01T00:00:00Z"
+DEFAULT_KEEP_ALIVE = 300.0  # envconfig.KeepAlive(): OLLAMA_KEEP_ALIVE, default 5m
+FOREVER = math.inf  # a negative keep_alive: Ollama keeps the model loaded for MaxInt64 ns
+# Where a model gets loaded; the value says whether the body's keep_alive counts
+# (/v1 and /v1/messages drop it: their converted requests carry no KeepAlive).
+INFERENCE = {"/api/generate": True, "/api/chat": True, "/api/embed": True, "/api/embeddings": True,
+             "/v1/chat/completions": False, "/v1/completions": False, "/v1/embeddings": False,
+             "/v1/responses": False, "/v1/messages": False, "/v1/audio/transcriptions": False}
+# Routes behind Ollama's cloudPassthroughMiddleware, which decodes a zstd body (server/cloud_proxy.go).
+ZSTD_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"}
 
 
 class Record:
     """One request as the stub received it."""
 
-    def __init__(self, method, path, query, headers, body):
+    def __init__(self, method, path, query, headers, body, raw_headers=(), chunked=False):
         self.method = method
         self.path = path
         self.query = query
         self.headers = headers
+        self.raw_headers = list(raw_headers)  # [(name, value)] as they came
         self.body = body
+        self.chunked = chunked  # the body came with Transfer-Encoding: chunked
+        self.form = None  # a multipart body: name -> str, or bytes for a file part
         self.arrived_at = time.monotonic()
         self.hangup_at = None
         self.finished_at = None
@@ -61,6 +136,23 @@ class Record:
 
     def json(self):
         return json.loads(self.body)
+
+    def decoded(self):
+        """The body with its Content-Encoding undone."""
+        return _decode_body(self.body, self.headers.get("content-encoding", ""))
+
+
+def _decode_body(body, encoding):
+    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+        if coding in ("gzip", "x-gzip"):
+            body = gzip.decompress(body)
+        elif coding == "deflate":
+            body = zlib.decompress(body)
+        elif coding == "zstd" and zstandard is not None:
+            body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+        elif coding != "identity":
+            raise ValueError("cannot decode %r" % coding)
+    return body
 
 
 class StubServer(ThreadingHTTPServer):
@@ -73,6 +165,7 @@ class StubServer(ThreadingHTTPServer):
         self.defaults = {}
         self.received = []
         self.keep_records = 100000
+        self.loaded = {}  # model name -> {"keep_alive": seconds, "expires_at": unix time}
         self.lock = threading.Lock()
         self.thread = None
 
@@ -93,6 +186,36 @@ class StubServer(ThreadingHTTPServer):
         with self.lock:
             self.defaults = {}
             self.received = []
+            self.loaded = {}
+
+    # -- loaded models, as Ollama's scheduler keeps them (server/sched.go)
+
+    def load(self, model, keep_alive=None):
+        """Load ``model`` as an inference request would: ``keep_alive`` in
+        seconds (math.inf = forever, 0 = unload), or None to keep a loaded
+        model's lifetime (the default 5m for one not loaded)."""
+        name = model_name(model)
+        if name is None:
+            return
+        with self.lock:
+            entry = self.loaded.get(name)
+            if keep_alive is None:
+                keep_alive = entry["keep_alive"] if entry else DEFAULT_KEEP_ALIVE
+            self.loaded[name] = {"keep_alive": keep_alive, "expires_at": time.time() + keep_alive}
+
+    def unload(self, model):
+        with self.lock:
+            self.loaded.pop(model_name(model), None)
+
+    def loaded_models(self):
+        """Names of the loaded, unexpired models, longest left first (as /api/ps lists them)."""
+        now = time.time()
+        with self.lock:
+            for name in [n for n, e in self.loaded.items() if e["expires_at"] <= now]:
+                del self.loaded[name]
+            alive = list(self.loaded.items())
+        alive.sort(key=lambda item: -item[1]["expires_at"])  # stable: ties keep load order
+        return [name for name, _ in alive]
 
     def requests_to(self, path):
         with self.lock:
@@ -105,6 +228,142 @@ class StubServer(ThreadingHTTPServer):
                 return True
             time.sleep(0.005)
         return predicate()
+
+
+def model_name(model):
+    """The name /api/ps shows for ``model`` (Ollama's DisplayShortest: the tag
+    is kept, ``:latest`` added), or None for a model that never loads locally:
+    none at all, or one of Ollama's cloud models (internal/modelref/modelref.go:
+    the text after the last ':' is ``cloud`` or ends ``-cloud``)."""
+    if not isinstance(model, str) or not model.strip():
+        return None
+    model = model.strip()
+    _, colon, tag = model.rpartition(":")
+    if colon and (tag.lower() == "cloud" or ("/" not in tag and tag.lower().endswith("-cloud"))):
+        return None
+    if ":" not in model.rpartition("/")[2]:
+        model += ":latest"
+    return model
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0,
+                   "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def keep_alive_seconds(value):
+    """Ollama's api.Duration.UnmarshalJSON: a number is seconds, a string is a
+    Go duration ("5m", "1h30m", "0"); negative means forever. Raises
+    ValueError with Go's message for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("Unsupported type: '%s'" % type(value).__name__)
+    if not isinstance(value, str):
+        return FOREVER if value < 0 else float(value)
+    text = value
+    sign = -1.0 if text[:1] == "-" else 1.0
+    text = text[1:] if text[:1] in "+-" else text
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError('time: invalid duration "%s"' % value)
+    total, at = 0.0, 0
+    while at < len(text):
+        match = _DURATION.match(text, at)
+        if not match or match.group(1) in ("", "."):
+            if re.fullmatch(r"[0-9.]+", text[at:]):
+                raise ValueError('time: missing unit in duration "%s"' % value)
+            raise ValueError('time: invalid duration "%s"' % value)
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        at = match.end()
+    return FOREVER if sign < 0 and total > 0 else total
+
+
+def _go_time(unix):
+    """A time as Go's encoding/json writes it (RFC 3339, local offset)."""
+    if unix == FOREVER:  # time.Now().Add(math.MaxInt64)
+        unix = time.time() + (2 ** 63 - 1) / 1e9
+    return datetime.datetime.fromtimestamp(unix).astimezone().isoformat()
+
+
+def parse_multipart(content_type, body):
+    """The parts of a multipart/form-data body: [(name, filename, content_type, bytes)].
+    By hand, on bytes, so that a file part comes back exactly as it was sent."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type or "")
+    if not (content_type or "").lower().startswith("multipart/form-data") or not match:
+        raise ValueError("request Content-Type isn't multipart/form-data")
+    delimiter = b"--" + match.group(1).encode("latin-1")
+    sections = body.split(b"\r\n" + delimiter)
+    if not sections[0].startswith(delimiter):
+        raise ValueError("multipart: NextPart: EOF")
+    sections[0] = sections[0][len(delimiter):]
+    parts = []
+    for section in sections:
+        if section.startswith(b"--"):
+            return parts
+        head, sep, data = section.partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("multipart: malformed part")
+        headers = {}
+        for line in head.split(b"\r\n"):
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        disposition = headers.get("content-disposition", "")
+        name = re.search(r'\bname="([^"]*)"', disposition)
+        filename = re.search(r'\bfilename="([^"]*)"', disposition)
+        parts.append((name.group(1) if name else "", filename.group(1) if filename else None,
+                      headers.get("content-type"), data))
+    raise ValueError("multipart: NextPart: EOF")
+
+
+def anthropic_error(status, message):
+    """anthropic.NewError: Anthropic's error body with the type Ollama picks for the status."""
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error",
+            529: "overloaded_error"}.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}, "request_id": new_id("req")}
+
+
+def new_id(prefix):
+    """anthropic.generateID: prefix, '_', 24 hex digits."""
+    return "%s_%s" % (prefix, os.urandom(12).hex())
+
+
+def messages_problem(request):
+    """What AnthropicMessagesMiddleware refuses with a 400, in its words, or None."""
+    if not isinstance(request.get("model"), str) or not request["model"]:
+        return "model is required"
+    max_tokens = request.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+        return "max_tokens is required and must be positive"
+    if not isinstance(request.get("messages"), list) or not request["messages"]:
+        return "messages is required"
+    return None
+
+
+def estimated_input_tokens(request):
+    """anthropic.EstimateInputTokens: characters of system, roles, texts and
+    tools over 4, at least 1; what Ollama puts in message_start."""
+    def text_length(content):
+        if isinstance(content, str):
+            return len(content)
+        total = 0
+        for block in content if isinstance(content, list) else []:
+            if isinstance(block, dict):
+                total += len(block.get("text") or "") + len(block.get("thinking") or "")
+                if block.get("type") in ("tool_use", "tool_result"):
+                    total += len(json.dumps(block, separators=(",", ":")))
+        return total
+    total = text_length(request.get("system"))
+    for message in request.get("messages") or []:
+        if isinstance(message, dict):
+            total += len(str(message.get("role", ""))) + text_length(message.get("content"))
+    for tool in request.get("tools") or []:
+        if isinstance(tool, dict):
+            total += len(tool.get("name") or "") + len(tool.get("description") or "")
+            total += len(json.dumps(tool["input_schema"], separators=(",", ":"))) if "input_schema" in tool else 0
+    tokens = total // 4
+    return 1 if tokens == 0 and (request.get("messages") or request.get("system") is not None) else tokens
 
 
 def _knobs(defaults, header):
@@ -130,8 +389,22 @@ class Handler(BaseHTTPRequestHandler):
     # -- plumbing
 
     def _read_body(self):
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self):
+        body = []
+        while True:
+            size = int(self.rfile.readline(65537).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                break
+            body.append(self.rfile.read(size))
+            self.rfile.readline(3)
+        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+            pass  # trailer fields
+        return b"".join(body)
 
     def _client_gone(self):
         try:
@@ -170,7 +443,8 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in extra:
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _send_json(self, status, document, extra=()):
         self._send(status, "application/json; charset=utf-8", json.dumps(document).encode(), extra)
@@ -203,7 +477,8 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if path == "/_stub/received":
             return self._report(query)
-        self.record = Record(method, path, query, {k.lower(): v for k, v in self.headers.items()}, body)
+        self.record = Record(method, path, query, {k.lower(): v for k, v in self.headers.items()}, body,
+                             self.headers.items(), "chunked" in (self.headers.get("Transfer-Encoding") or "").lower())
         server = self.server
         with server.lock:
             if len(server.received) >= server.keep_records:
@@ -237,12 +512,23 @@ class Handler(BaseHTTPRequestHandler):
             return
         if not self._sleep_watching(float(knobs.get("delay", 0))):
             return
-        try:
-            request = json.loads(body) if body else {}
-        except ValueError:
-            request = None
-        if not isinstance(request, dict):
-            return self._send_json(400, {"error": "invalid JSON body"})
+        if path == "/v1/audio/transcriptions" or path.startswith("/api/blobs/"):
+            request = {}  # a multipart form, a blob: not JSON; the route reads the body itself
+        else:
+            if path in ZSTD_ROUTES and zstandard is not None and \
+                    (self.headers.get("Content-Encoding") or "").strip().lower() == "zstd":
+                try:
+                    body = _decode_body(body, "zstd")
+                except Exception:
+                    return self._error(path, 400, "failed to decompress request body")
+            try:
+                request = json.loads(body) if body else {}
+            except ValueError:
+                request = None
+            if not isinstance(request, dict):
+                if path == "/v1/messages":
+                    return self._error(path, 400, "invalid character in JSON body")
+                return self._send_json(400, {"error": "invalid JSON body"})
         if knobs.get("garbage"):
             self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
             self.close_connection = True
@@ -257,11 +543,49 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(path, 404, "model 'missing' not found")
         route = ROUTES.get((method, path))
         if route is None:
+            route = next((r for (m, prefix), r in PREFIX_ROUTES.items()
+                          if m == method and path.startswith(prefix) and len(path) > len(prefix)), None)
+        if route is None:
             return self._error(path, 404, "404 page not found")
+        if method == "POST" and path in INFERENCE and path != "/v1/audio/transcriptions":
+            return self._inference(path, request, knobs, route)
         route(self, request, knobs)
 
+    def _inference(self, path, request, knobs, route):
+        """Load the request's model for its lifetime, or unload it, the way
+        Ollama's handlers and scheduler do, around the route's answer."""
+        keep_alive = None
+        if INFERENCE[path] and request.get("keep_alive") is not None:
+            try:
+                keep_alive = keep_alive_seconds(request["keep_alive"])
+            except ValueError as error:
+                return self._error(path, 400, str(error))
+        model = request.get("model")
+        if keep_alive == 0 and path == "/api/generate" and not request.get("prompt"):
+            # GenerateHandler: empty prompt and keep_alive 0 -> expireRunner, no load
+            self.server.unload(model)
+            return self._send_json(200, {"model": model, "created_at": CREATED_AT, "response": "",
+                                         "done": True, "done_reason": "unload"})
+        if keep_alive == 0 and path == "/api/chat" and not request.get("messages"):
+            self.server.unload(model)
+            return self._send_json(200, {"model": model, "created_at": CREATED_AT,
+                                         "message": {"role": "assistant", "content": ""},
+                                         "done": True, "done_reason": "unload"})
+        if path == "/v1/messages":
+            problem = messages_problem(request)
+            if problem:  # AnthropicMessagesMiddleware refuses it before anything loads
+                return self._error(path, 400, problem)
+        self.server.load(model, keep_alive)
+        try:
+            route(self, request, knobs)
+        finally:
+            if keep_alive == 0:  # a zero lifetime: unloaded as soon as the runner is idle
+                self.server.unload(model)
+
     def _error(self, path, status, message):
-        if path.startswith("/v1/"):
+        if path == "/v1/messages":
+            self._send_json(status, anthropic_error(status, message))
+        elif path.startswith("/v1/"):
             self._send_json(status, {"error": {"message": message, "type": "api_error", "param": None,
                                                "code": None}})
         else:
@@ -318,9 +642,20 @@ class Handler(BaseHTTPRequestHandler):
                                           "details": {"format": "gguf", "family": "llama"}} for m in MODELS]})
 
     def api_ps(self, request, knobs):
-        self._send_json(200, {"models": [{"name": MODELS[0], "model": MODELS[0], "size": 1000,
-                                          "digest": "0" * 64, "expires_at": "2026-01-01T00:00:00Z",
-                                          "size_vram": 1000, "details": {"format": "gguf"}}]})
+        models = []
+        for name in self.server.loaded_models():
+            entry = self.server.loaded.get(name, {"expires_at": time.time()})
+            family = "nomic-bert" if "embed" in name else "llama"
+            models.append({"name": name, "model": name, "size": 1000, "digest": "0" * 64,
+                           "details": {"parent_model": "", "format": "gguf", "family": family,
+                                       "families": [family], "parameter_size": "3.2B",
+                                       "quantization_level": "Q4_K_M"},
+                           "expires_at": _go_time(entry["expires_at"]), "size_vram": 1000,
+                           "context_length": 4096})
+        self._send_json(200, {"models": models})
+
+    def root(self, request, knobs):
+        self._send(200, "text/plain; charset=utf-8", b"Ollama is running")
 
     def api_show(self, request, knobs):
         self._send_json(200, {"modelfile": "FROM llama3.2", "parameters": "", "template": "{{ .Prompt }}",
@@ -352,6 +687,11 @@ class Handler(BaseHTTPRequestHandler):
         self._native(request, knobs, lambda text: {"response": text})
 
     def api_chat(self, request, knobs):
+        if not request.get("messages"):
+            # ChatHandler: no messages loads the model and answers at once.
+            return self._send_json(200, {"model": request.get("model"), "created_at": CREATED_AT,
+                                         "message": {"role": "assistant", "content": ""},
+                                         "done": True, "done_reason": "load"})
         self._native(request, knobs, lambda text: {"message": {"role": "assistant", "content": text}})
 
     def api_embed(self, request, knobs):
@@ -432,10 +772,107 @@ class Handler(BaseHTTPRequestHandler):
                                           "content": [{"type": "output_text", "text": "".join(words)}]}],
                               "usage": {"input_tokens": 7, "output_tokens": len(words), "total_tokens": 7 + len(words)}})
 
+    def v1_transcriptions(self, request, knobs):
+        """middleware.TranscriptionMiddleware: a multipart form in, {"text"} out;
+        here the text is the stub's words and "received" says what arrived."""
+        try:
+            parts = parse_multipart(self.headers.get("Content-Type"), self.record.body)
+        except ValueError as error:
+            return self._error(self.record.path, 400, "failed to parse multipart form: %s" % error)
+        self.record.form = {name: data if filename is not None else data.decode("utf-8", "replace")
+                            for name, filename, _, data in parts}
+        fields = {name: data.decode("utf-8", "replace") for name, filename, _, data in parts if filename is None}
+        files = [(filename, ctype, data) for name, filename, ctype, data in parts if name == "file" and filename is not None]
+        model = fields.get("model", "")
+        if not model:
+            return self._error(self.record.path, 400, "model is required")
+        if not files:
+            return self._error(self.record.path, 400, "file is required: http: no such file")
+        filename, content_type, audio = files[0]
+        if not audio:
+            return self._error(self.record.path, 400, "audio file is empty")
+        if model == "missing":
+            return self._error(self.record.path, 404, "model 'missing' not found")
+        self.server.load(model)  # on to ChatHandler, without a keep_alive
+        text = "".join(self._words(knobs)).strip()
+        if fields.get("response_format") == "text":
+            return self._send(200, "text/plain", text.encode())
+        self._send_json(200, {"text": text, "received": {
+            "model": model, "filename": filename, "content_type": content_type, "bytes": len(audio),
+            "sha256": hashlib.sha256(audio).hexdigest(), "fields": fields}})
+
+    # -- Anthropic Messages API (anthropic/anthropic.go, middleware/anthropic.go)
+
+    def v1_messages(self, request, knobs):
+        model = request["model"]
+        words = self._words(knobs)
+        tool = knobs.get("tool_call")
+        message_id = new_id("msg")
+        usage = {"input_tokens": 7, "output_tokens": len(words)}
+        stop_reason = "tool_use" if tool else "end_turn"
+        if not request.get("stream"):
+            if tool:
+                content = [{"type": "tool_use", "id": "call_1", "name": tool, "input": {"city": "Paris"}}]
+            else:
+                content = [{"type": "text", "text": "".join(words)}]
+            return self._send_json(200, {"id": message_id, "type": "message", "role": "assistant", "model": model,
+                                         "content": content, "stop_reason": stop_reason, "usage": usage})
+        # StreamConverter.Process: message_start carries the estimate (the first
+        # chunk has no prompt_eval_count yet); message_delta the real counts.
+        events = [("message_start", {"type": "message_start", "message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "usage": {"input_tokens": estimated_input_tokens(request), "output_tokens": 0}}})]
+        if tool:
+            events += [
+                ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                    "type": "tool_use", "id": "call_1", "name": tool, "input": {}}}),
+                ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                    "type": "input_json_delta", "partial_json": '{"city":"Paris"}'}})]
+        else:
+            events.append(("content_block_start", {"type": "content_block_start", "index": 0,
+                                                   "content_block": {"type": "text", "text": ""}}))
+            events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "text_delta", "text": w}}) for w in words]
+        events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason},
+                                      "usage": usage}),
+                   ("message_stop", {"type": "message_stop"})]
+        pieces = [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data).encode()) for name, data in events]
+        if "sse_error_after" in knobs:
+            n = int(knobs["sse_error_after"])
+            error = {"type": "error", "error": {"type": "overloaded_error", "message": "cloud overloaded"}}
+            pieces = pieces[:n] + [b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"]
+        self._stream("text/event-stream", pieces, knobs)
+
+    # -- account and web routes (they reach ollama.com in Ollama)
+
+    def api_me(self, request, knobs):
+        self._send_json(200, {"id": "5b1f7e0c-4c2a-4d5e-9f0a-0123456789ab", "email": "stub@example.com",
+                              "name": "stub", "plan": "free"})
+
+    def api_signout(self, request, knobs):
+        self._send_json(200, None)
+
+    def api_web_search(self, request, knobs):
+        if not self.record.body.strip():
+            return self._error(self.record.path, 400, "missing request body")
+        self._send_json(200, {"results": [{"title": "Stub result", "url": "https://example.com/",
+                                           "content": "Result for %s" % request.get("query")}]})
+
+    def api_web_fetch(self, request, knobs):
+        if not self.record.body.strip():
+            return self._error(self.record.path, 400, "missing request body")
+        self._send_json(200, {"title": "Stub page", "content": "Page at %s" % request.get("url"),
+                              "links": ["https://example.com/"]})
+
 
 ROUTES = {
+    ("GET", "/"): Handler.root,
+    ("HEAD", "/"): Handler.root,
     ("GET", "/api/version"): Handler.api_version,
+    ("HEAD", "/api/version"): Handler.api_version,
     ("GET", "/api/tags"): Handler.api_tags,
+    ("HEAD", "/api/tags"): Handler.api_tags,
     ("GET", "/api/ps"): Handler.api_ps,
     ("POST", "/api/show"): Handler.api_show,
     ("POST", "/api/generate"): Handler.api_generate,
@@ -447,8 +884,27 @@ ROUTES = {
     ("POST", "/v1/completions"): Handler.v1_completions,
     ("POST", "/v1/embeddings"): Handler.v1_embeddings,
     ("POST", "/v1/responses"): Handler.v1_responses,
+    ("POST", "/v1/audio/transcriptions"): Handler.v1_transcriptions,
+    ("POST", "/v1/messages"): Handler.v1_messages,
+    ("GET", "/api/status"): lambda h, r, k: h._send_json(200, {"cloud": {"disabled": False, "source": "none"}}),
+    ("POST", "/api/me"): Handler.api_me,
+    ("POST", "/api/signout"): Handler.api_signout,
+    ("POST", "/api/experimental/web_search"): Handler.api_web_search,
+    ("POST", "/api/experimental/web_fetch"): Handler.api_web_fetch,
+    ("GET", "/api/experimental/model-recommendations"): lambda h, r, k: h._send_json(200, {"recommendations": [
+        {"model": "llama3.2", "description": "A small model for the stub"}]}),
     ("POST", "/api/pull"): lambda h, r, k: h._send_json(200, {"status": "success"}),
+    ("POST", "/api/push"): lambda h, r, k: h._send_json(200, {"status": "success"}),
+    ("POST", "/api/create"): lambda h, r, k: h._send_json(200, {"status": "success"}),
+    ("POST", "/api/copy"): lambda h, r, k: h._send(200, "text/plain; charset=utf-8", b""),
     ("DELETE", "/api/delete"): lambda h, r, k: h._send_json(200, {}),
+}
+
+# Routes with a path parameter (gin's /api/user/keys/:encodedKey, /api/blobs/:digest).
+PREFIX_ROUTES = {
+    ("DELETE", "/api/user/keys/"): Handler.api_signout,
+    ("POST", "/api/blobs/"): lambda h, r, k: h._send(201, "text/plain; charset=utf-8", b""),
+    ("HEAD", "/api/blobs/"): lambda h, r, k: h._send(200, "text/plain; charset=utf-8", b""),
 }
 
 

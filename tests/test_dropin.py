@@ -58,7 +58,8 @@ def test_ollama_client_chat_generate_embed_and_metadata(gateway, stub, ollama_cl
     assert len(ollama_client.embed(model="nomic-embed-text", input="x")["embeddings"]) == 1
     assert [m.model for m in ollama_client.list().models] == ["llama3.2:latest", "nomic-embed-text:latest"]
     assert ollama_client.show("llama3.2").details.family == "llama"
-    assert ollama_client.ps().models[0].model == "llama3.2:latest"
+    # both loaded: the stub keeps a loaded-model list as Ollama does
+    assert {m.model for m in ollama_client.ps().models} == {"llama3.2:latest", "nomic-embed-text:latest"}
     assert gateway.get("/api/version").json() == {"version": "0.12.0"}
     assert [(r.method, r.path) for r in stub.received] == [
         ("POST", "/api/chat"), ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/embed"),
