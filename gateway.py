@@ -259,8 +259,12 @@ class GatewayError(Exception):
 
 
 def error_document(path, error, task_id):
-    """The one error body of the gateway (README, "Errors"): OpenAI's shape
-    plus ``provider`` and ``task_id``."""
+    """The one error body of the gateway, in the shape the route's clients
+    read (README, "Errors"). Ollama's clients read ``{"error": "<text>"}``,
+    so on /api/* and / the gateway's fields sit beside the text; everywhere
+    else it is OpenAI's envelope plus ``provider`` and ``task_id``."""
+    if path == "/" or path.startswith("/api/"):
+        return {"error": error.message, "code": error.code, "provider": error.provider, "task_id": task_id}
     return {"error": {"message": error.message, "type": error.code, "code": error.code, "param": None,
                       "provider": error.provider, "task_id": task_id}}
 
@@ -1039,8 +1043,6 @@ def answer_upstream_error(exchange, forward):
         raise exchange.upstream_failure(error)
     status_code = exchange.response.status_code
     message = _upstream_message(raw) or "the upstream answered %d" % status_code
-    if forward.translation:  # Ollama's error shape, which its clients parse
-        return exchange.answer(status_code, {"error": message}, outcome=Outcome(FAILED, "upstream_error", message))
     return exchange.fail(GatewayError(status_code, _upstream_code(status_code), message,
                                       provider=forward.provider, stage="upstream_error"))
 
@@ -1167,7 +1169,7 @@ class Relay:
             document = error_document(self.exchange.path, failure, self.exchange.task_id)
             return b"data: " + json.dumps(document).encode() + b"\n\n"
         if self.stream_format == "ndjson":
-            return json.dumps({"error": failure.message}).encode() + b"\n"
+            return json.dumps(error_document("/api/", failure, self.exchange.task_id)).encode() + b"\n"
         return None
 
 

@@ -34,6 +34,22 @@ def wait_until(predicate, timeout=5.0, interval=0.01):
     return predicate()
 
 
+def gateway_error(answer):
+    """An error answer of the gateway's, checked to be in the shape its
+    route's clients read (README, "Errors"), as one dict: message, type,
+    code, param, provider, task_id."""
+    path = answer.request.path_url.split("?")[0]
+    document = answer.json()
+    if path == "/" or path.startswith("/api/"):  # Ollama's shape, the gateway's fields beside the text
+        assert set(document) == {"error", "code", "provider", "task_id"}, document
+        assert isinstance(document["error"], str) and document["error"], document
+        return {"message": document["error"], "type": document["code"], "code": document["code"], "param": None,
+                "provider": document["provider"], "task_id": document["task_id"]}
+    error = document["error"]  # OpenAI's envelope plus provider and task_id
+    assert set(error) == {"message", "type", "code", "param", "provider", "task_id"}, document
+    return error
+
+
 # ---------------------------------------------------------------- stub upstream
 
 

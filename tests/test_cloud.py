@@ -8,7 +8,7 @@ import ollama
 import openai
 import pytest
 
-from conftest import wait_until
+from conftest import gateway_error, wait_until
 from stub_upstream import StubServer
 from test_slot_and_cancel import raw_request
 
@@ -140,23 +140,24 @@ def test_a_streamed_cloud_error_ends_the_ndjson_with_an_error_line(cloud_gateway
 def test_cloud_error_status_keeps_its_status_in_each_shape(cloud_gateway, cloud):
     native = cloud_gateway.post("/api/chat", headers={"X-Stub": "status=401"},
                                 json={"model": "openai/gpt-4o-mini", "messages": MESSAGES})
-    assert native.status_code == 401 and native.json() == {"error": "stub error 401"}
+    assert native.status_code == 401 and gateway_error(native)["message"] == "stub error 401"  # Ollama's shape
+    assert gateway_error(native)["provider"] == "openai"
     v1 = cloud_gateway.post("/v1/chat/completions", headers={"X-Stub": "status=429"},
                             json={"model": "openai/gpt-4o-mini", "messages": MESSAGES})
-    error = v1.json()["error"]
+    error = gateway_error(v1)
     assert v1.status_code == 429 and (error["provider"], error["message"]) == ("openai", "stub error 429")
 
 
 def test_cloud_route_only_serves_v1_and_api_chat(cloud_gateway, cloud):
     answer = cloud_gateway.post("/api/generate", json={"model": "openai/gpt-4o-mini", "prompt": "x"})
-    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request"
+    assert answer.status_code == 400 and gateway_error(answer)["code"] == "invalid_request"
     assert cloud.received == []
 
 
 def test_without_a_key_the_cloud_route_is_not_configured(gateway, stub):
     answer = gateway.post("/v1/chat/completions", json={"model": "openai/gpt-4o-mini", "messages": MESSAGES})
     assert answer.status_code == 503
-    error = answer.json()["error"]
+    error = gateway_error(answer)
     assert (error["code"], error["provider"]) == ("provider_not_configured", "openai")
     assert "OPENAI_API_KEY" in error["message"]
     assert stub.received == []

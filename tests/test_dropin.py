@@ -106,7 +106,9 @@ def test_sse_chunks_reach_the_client_as_the_upstream_sends_them(gateway, stub):
     assert len(arrivals) == 5
     # the stub runs in this process: one clock for "sent" and "arrived"
     delays = [arrived - sent for arrived, sent in zip(arrivals, record.sent_at)]
-    assert all(0 <= d < 0.02 for d in delays), delays  # each piece within milliseconds of leaving the stub
+    # each piece within milliseconds of leaving the stub (the stub notes the
+    # time just after its write, so a fast relay can be a hair ahead of it)
+    assert all(-0.01 <= d < 0.02 for d in delays), delays
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:4])]
     assert all(0.25 < g < 0.45 for g in gaps), gaps  # not buffered: paced like the upstream
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from conftest import REPO, GatewayProcess, free_port
+from conftest import GatewayProcess, REPO, free_port, gateway_error
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -20,8 +20,7 @@ CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 def assert_envelope(answer, status, code, provider="gateway", task_id=None):
     assert answer.status_code == status, answer.text
     assert answer.headers["Content-Type"] == "application/json"
-    error = answer.json()["error"]
-    assert set(error) == {"message", "type", "code", "param", "provider", "task_id"}
+    error = gateway_error(answer)
     assert (error["code"], error["type"], error["provider"], error["param"]) == (code, code, provider, None)
     assert error["message"]
     if task_id is not None:
@@ -152,7 +151,9 @@ def test_upstream_reset_mid_stream_ends_ndjson_with_an_error_line(gateway, stub)
     answer = gateway.post("/api/chat", json=CHAT, headers={"X-Stub": "chunks=5,reset_after=2,chunk_delay=0.1"})
     lines = answer.content.splitlines()
     assert len(lines) == 3
-    assert set(json.loads(lines[-1])) == {"error"}
+    last = json.loads(lines[-1])  # Ollama's shape: the text, and the gateway's fields beside it
+    assert set(last) == {"error", "code", "provider", "task_id"} and isinstance(last["error"], str)
+    assert (last["code"], last["provider"]) == ("upstream_error", "ollama")
 
 
 def test_openai_sdk_sees_the_mid_stream_error(gateway, stub):
@@ -189,7 +190,8 @@ def test_upstream_500_html_on_api_is_forwarded_and_the_gateway_keeps_serving(gat
 def test_truncated_upstream_body_ends_the_stream_with_an_error_line(gateway, stub):
     answer = gateway.post("/api/chat", json=CHAT, headers={"X-Stub": "chunks=4,truncate_after=2"})
     lines = answer.content.splitlines()
-    assert json.loads(lines[-1]).keys() == {"error"}
+    last = json.loads(lines[-1])
+    assert last.keys() == {"error", "code", "provider", "task_id"} and isinstance(last["error"], str)
     assert gateway.wait_slot_free(1)
 
 

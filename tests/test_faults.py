@@ -16,7 +16,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import free_port, wait_until
+from conftest import free_port, gateway_error, wait_until
 from test_slot_and_cancel import CHAT, raw_request
 
 SMALL = dict(CHAT, stream=False)
@@ -112,7 +112,7 @@ def test_upstream_refusing_connections(start_gateway):
 
     def case():
         answer = gateway.post("/api/chat", json=CHAT, headers={"X-Task-Id": "refused-up"})
-        assert answer.status_code == 503 and answer.json()["error"]["code"] == "upstream_unreachable"
+        assert answer.status_code == 503 and gateway_error(answer)["code"] == "upstream_unreachable"
         assert gateway.status("refused-up").json()["stage"] == "upstream_unreachable"
 
     case()
@@ -128,7 +128,7 @@ def test_upstream_accepting_and_never_answering(gw, stub):
         started = time.monotonic()
         answer = gw.post("/api/chat", json=CHAT, headers={"X-Stub": "never=1", "X-Task-Id": "never-1"})
         took = time.monotonic() - started
-        assert answer.status_code == 504 and answer.json()["error"]["code"] == "upstream_timeout", answer.text
+        assert answer.status_code == 504 and gateway_error(answer)["code"] == "upstream_timeout", answer.text
         assert 0.9 < took < 3, took
         assert gw.status("never-1").json()["stage"] == "timeout"
 
@@ -174,7 +174,7 @@ def test_upstream_truncating_a_chunked_body(gw, stub):
 def test_upstream_answering_something_that_is_not_http(gw, stub):
     def case():
         answer = gw.post("/api/chat", json=CHAT, headers={"X-Stub": "garbage=1", "X-Task-Id": "garbage-1"})
-        assert answer.status_code == 502 and answer.json()["error"]["code"] == "upstream_error"
+        assert answer.status_code == 502 and gateway_error(answer)["code"] == "upstream_error"
         assert gw.status("garbage-1").json()["stage"] == "upstream_error"
 
     with no_leaks(gw, run_thrice(case)):
@@ -187,7 +187,7 @@ def test_upstream_malformed_json_and_html_500(gw, stub):
         assert broken.status_code == 200 and broken.content.startswith(b'{"model"')  # passed on, not parsed
         html = gw.post("/v1/chat/completions", json=CHAT, headers={"X-Stub": "html500=1", "X-Task-Id": "html-1"})
         assert html.status_code == 500
-        error = html.json()["error"]
+        error = gateway_error(html)
         assert (error["provider"], error["code"]) == ("ollama", "upstream_error")
         assert "500 Internal Server Error" in error["message"]
         assert gw.status("html-1").json()["extensions"]["upstream_status"] == 500
@@ -398,7 +398,7 @@ def test_any_task_id_is_either_echoed_or_refused(gw, task_id):
     if valid:
         assert answer.status_code == 200 and answer.headers["X-Task-Id"] == task_id
     else:
-        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_task_id"
+        assert answer.status_code == 400 and gateway_error(answer)["code"] == "invalid_task_id"
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -428,7 +428,7 @@ def test_any_bytes_body_is_refused_or_forwarded_never_crashes(gw, stub, raw):
     if valid:
         assert answer.status_code in (200, 404)  # the stub's own answer to whatever it got
     else:
-        assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+        assert answer.status_code == 400 and gateway_error(answer)["code"] == "invalid_json"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from conftest import wait_until
+from conftest import gateway_error, wait_until
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -49,7 +49,7 @@ def test_second_request_gets_503_while_slot_held(gateway, stub):
         assert took < 0.5, took  # at once, not after a wait
         assert refused.headers["Retry-After"] == "2"
         assert refused.headers["X-Task-Id"] == "second-1"
-        error = refused.json()["error"]
+        error = gateway_error(refused)
         assert (error["code"], error["type"], error["provider"], error["task_id"]) == \
             ("gpu_busy", "gpu_busy", "gateway", "second-1")
         assert "holder-1" in error["message"]
@@ -101,7 +101,7 @@ def test_slot_wait_refuses_after_waiting(start_gateway, stub):
         started = time.monotonic()
         refused = gateway.post("/api/chat", json=CHAT)
         took = time.monotonic() - started
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "gpu_busy"
+        assert refused.status_code == 503 and gateway_error(refused)["code"] == "gpu_busy"
         assert 0.55 < took < 1.5, took
     finally:
         sock.close()
@@ -141,8 +141,8 @@ def test_another_program_holding_the_lock_with_flock1_makes_requests_wait(gatewa
         assert gateway.slots()[0]["pid"] == other.pid  # flock(1) wrote nothing: the kernel's pid
         assert "task_id" not in gateway.slots()[0]
         refused = gateway.post("/api/chat", json=CHAT)
-        assert refused.status_code == 503 and refused.json()["error"]["code"] == "gpu_busy"
-        assert "pid %d" % other.pid in refused.json()["error"]["message"]
+        assert refused.status_code == 503 and gateway_error(refused)["code"] == "gpu_busy"
+        assert "pid %d" % other.pid in gateway_error(refused)["message"]
     finally:
         os.killpg(other.pid, signal.SIGKILL)  # flock and its child, which shares the lock
         other.wait()

@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from conftest import RedisServer, wait_until
+from conftest import RedisServer, gateway_error, wait_until
 from test_slot_and_cancel import CHAT, raw_request
 
 DOCUMENT_FIELDS = {"version", "event_type", "event_id", "algorithm_id", "task_id", "state", "stage", "message",
@@ -151,7 +151,7 @@ def test_timeouts_and_unreachable_upstreams_say_why(start_gateway, stub):
 
 def test_unknown_task_is_404(any_store_gateway):
     answer = any_store_gateway.status("never-seen")
-    assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+    assert answer.status_code == 404 and gateway_error(answer)["code"] == "not_found"
     assert any_store_gateway.get("/tasks/status/..%2F..%2Fetc").status_code == 404
 
 
@@ -201,7 +201,7 @@ def test_list_is_newest_first_with_limit_and_state(any_store_gateway, stub):
 @pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=abc", "state=DONE", "state=running"])
 def test_list_refuses_bad_parameters(any_store_gateway, query):
     answer = any_store_gateway.get("/tasks/status?" + query)
-    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_request"
+    assert answer.status_code == 400 and gateway_error(answer)["code"] == "invalid_request"
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
@@ -273,7 +273,7 @@ def test_delete_cancels_a_pending_task(waiting_gateway, stub):
     answer = requests.delete(gateway.url + "/tasks/pending-x", timeout=5)
     assert answer.status_code == 200 and answer.json()["stage"] == "cancelled"
     waiting.join(5)
-    assert waiting.result["value"].json()["error"]["code"] == "cancelled"
+    assert gateway_error(waiting.result["value"])["code"] == "cancelled"
     assert stub.requests_to("/api/chat")[1:] == []  # it never went upstream
     holder.close()
 
@@ -283,7 +283,7 @@ def test_delete_unknown_is_404_and_finished_is_409(any_store_gateway, stub):
     assert requests.delete(gateway.url + "/tasks/nobody", timeout=5).status_code == 404
     gateway.get("/api/tags", headers={"X-Task-Id": "finished-1"})
     answer = requests.delete(gateway.url + "/tasks/finished-1", timeout=5)
-    assert answer.status_code == 409 and answer.json()["error"]["code"] == "task_finished"
+    assert answer.status_code == 409 and gateway_error(answer)["code"] == "task_finished"
 
 
 def test_live_task_id_is_refused_and_finished_one_reused(any_store_gateway, stub):
@@ -292,7 +292,7 @@ def test_live_task_id_is_refused_and_finished_one_reused(any_store_gateway, stub
     gateway.wait_state("dup-1", {"RUNNING"})
     again = gateway.get("/api/tags", headers={"X-Task-Id": "dup-1"})
     assert again.status_code == 409
-    assert again.json()["error"]["code"] == "task_id_in_use" and again.headers["X-Task-Id"] == "dup-1"
+    assert gateway_error(again)["code"] == "task_id_in_use" and again.headers["X-Task-Id"] == "dup-1"
     assert gateway.status("dup-1").json()["state"] == "RUNNING"  # the refusal did not touch it
     sock.close()
     gateway.wait_state("dup-1", {"FAILED"})
@@ -316,7 +316,7 @@ def test_redis_down_mid_run_does_not_hold_up_requests(start_gateway, stub):
             assert time.monotonic() - started < 0.6
         status = gateway.status("before-down")
         assert status.status_code == 503
-        assert (status.json()["error"]["code"], status.json()["error"]["provider"]) == ("store_unavailable", "redis")
+        assert (gateway_error(status)["code"], gateway_error(status)["provider"]) == ("store_unavailable", "redis")
         assert gateway.read_log().count("task store (redis) unavailable") == 1  # logged once, not per request
 
         redis_server.start()  # same port, empty
@@ -361,7 +361,7 @@ def test_a_hung_redis_costs_one_timeout_then_nothing(start_gateway, stub):
             took.append(time.monotonic() - started)
         assert took[0] < 0.8, took  # the claim's 250 ms timeout (plus the final write's) at most
         assert max(took[1:]) < 0.1, took  # in the cool-down the store is not asked
-        assert gateway.status("anything").json()["error"]["code"] == "store_unavailable"
+        assert gateway_error(gateway.status("anything"))["code"] == "store_unavailable"
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
         redis_server.stop()
