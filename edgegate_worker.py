@@ -92,6 +92,13 @@ ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
 # What of a request line may reach the access log when the head was never complete.
 PRINTABLE = re.compile(rb"[\x21-\x7e]{1,2000}")
 
+# A chunked body over MAX_BODY_BYTES is handed on once this much more than
+# the limit is in: the application reads limit + 1 bytes to see that it is
+# over, and gunicorn's Body.read asks its reader for at least 1 KiB at a time
+# (gunicorn/http/body.py, Body.read), so up to 1023 bytes past what is asked.
+# (A body that stalls less than that over the limit gets 408, as any stalled body.)
+OVER_LIMIT_MARGIN = 1024 + 1
+
 # How much one recv() takes: a head fits in one; a body goes faster in big ones.
 HEAD_READ = 64 * 1024
 BODY_READ = 1024 * 1024
@@ -151,7 +158,10 @@ class BufferedSource:
     (``gunicorn/http/parser.py``, ``Parser.finish_body``). Everything else
     (the response, ``environ["gunicorn.socket"]``, which the gateway's
     watcher puts in its epoll set and shuts down) still uses the real socket.
-    A request handed on is complete, so the socket is read only past it.
+    A request handed on is complete (or over MAX_BODY_BYTES, and not to be
+    read), so the parser never needs the socket for it: past the buffer,
+    ``recv`` fails as a reset would, rather than block a thread on a client
+    that may never send (gthread closes the connection quietly on ECONNRESET).
     """
 
     def __init__(self, sock):
@@ -164,7 +174,7 @@ class BufferedSource:
 
     def recv(self, size):
         if self.pos >= len(self.data):
-            return self.sock.recv(size)
+            raise ConnectionResetError(errno.ECONNRESET, "read past the request the worker buffered")
         with memoryview(self.data) as view:
             piece = bytes(view[self.pos:self.pos + size])
         self.pos += len(piece)
@@ -194,7 +204,7 @@ class BufferingConnection(TConn):
         self.source = BufferedSource(sock)
         self.address = client[0] if isinstance(client, tuple) else None  # None: a unix socket
         self.requests = 0
-        self.continue_sent = False  # we answered Expect: 100-continue already
+        self.continue_sent = False  # the poller answered this request's Expect: 100-continue
         self.over_limit = False  # handed on with a body over MAX_BODY_BYTES, unread
 
 
@@ -533,7 +543,7 @@ class BufferingWorker(ThreadWorker):
             complete = len(arriving.data) - arriving.body_start >= arriving.length
         else:
             arriving.chunked_pos = arriving.chunked.follow(arriving.data, arriving.chunked_pos)
-            if arriving.chunked.decoded > limit:
+            if arriving.chunked.decoded >= limit + OVER_LIMIT_MARGIN:
                 conn.over_limit = True  # the application reads limit + 1 bytes, all here, and refuses
                 return True
             complete = arriving.chunked.done
@@ -560,11 +570,9 @@ class BufferingWorker(ThreadWorker):
     def handle_request(self, req, conn):
         """In the thread, with the request parsed again by gunicorn."""
         conn.requests += 1
-        if conn.continue_sent or conn.over_limit:
-            # 100 Continue went out already, or must not go out at all: the
-            # body is not wanted (gunicorn/http/wsgi.py, create, sends it
-            # when this flag is set).
-            req._expected_100_continue = False
+        # The body is in already, or is not wanted: no 100 Continue from
+        # gunicorn now (gunicorn/http/wsgi.py, create, sends one when this is set).
+        req._expected_100_continue = False
         if conn.over_limit:
             req.force_close()  # its body is not read, so the connection cannot serve another request
         conn.continue_sent = conn.over_limit = False
