@@ -39,8 +39,8 @@ import errno
 import functools
 import json
 import os
-import selectors
 import re
+import selectors
 import socket
 import sys
 import time
@@ -149,8 +149,8 @@ class _LoggedAnswer:
 
 
 class BufferedSource:
-    """The socket as gunicorn's parser sees it: first the bytes the poller
-    buffered, then the socket itself.
+    """The socket as gunicorn's parser sees it: the bytes the poller
+    buffered for one request (and any pipelined behind it), nothing more.
 
     gunicorn's parser reads through ``SocketUnreader(source).chunk``, which
     only calls ``source.recv(n)`` (``gunicorn/http/unreader.py``), and its
@@ -206,6 +206,8 @@ class BufferingConnection(TConn):
         self.requests = 0
         self.continue_sent = False  # the poller answered this request's Expect: 100-continue
         self.over_limit = False  # handed on with a body over MAX_BODY_BYTES, unread
+        self.linger_until = None  # closing: our FIN is sent, the client's awaited until then
+        self.drained = 0  # bytes read and dropped while lingering
 
 
 # ================================================================ following a chunked body
@@ -394,7 +396,7 @@ class BufferingWorker(ThreadWorker):
                           and getattr(self.cfg, "http2_cleartext", "off") == "off"
                           and getattr(self.cfg, "proxy_protocol", "off") in ("off", False, None))
         self.arriving = {}  # socket -> ArrivingRequest
-        self.lingering = {}  # socket -> close deadline
+        self.lingering = {}  # socket -> BufferingConnection, closing
         self.per_address = collections.Counter()  # open connections by client address
         # The largest head gunicorn's parser accepts (gunicorn/http/message.py,
         # Message.__init__ and Request._parse_python); past it, it answers 431 or 414.
@@ -569,6 +571,8 @@ class BufferingWorker(ThreadWorker):
 
     def handle_request(self, req, conn):
         """In the thread, with the request parsed again by gunicorn."""
+        if not self.buffering:
+            return super().handle_request(req, conn)
         conn.requests += 1
         # The body is in already, or is not wanted: no 100 Continue from
         # gunicorn now (gunicorn/http/wsgi.py, create, sends one when this is set).
@@ -645,7 +649,8 @@ class BufferingWorker(ThreadWorker):
             try:
                 sock.setblocking(False)
                 sock.shutdown(socket.SHUT_WR)
-                self.lingering[sock] = (conn, time.monotonic() + LINGER_S, [0])
+                conn.linger_until = time.monotonic() + LINGER_S
+                self.lingering[sock] = conn
                 self.poller.register(sock, selectors.EVENT_READ, self.on_lingering_readable)
                 return
             except (OSError, ValueError, KeyError):
@@ -653,15 +658,15 @@ class BufferingWorker(ThreadWorker):
         self.release(conn)
 
     def on_lingering_readable(self, sock):
-        conn, _, drained = self.lingering[sock]
+        conn = self.lingering[sock]
         try:
             data = sock.recv(LINGER_DRAIN)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        drained[0] += len(data)
-        if not data or drained[0] >= LINGER_DRAIN:
+        conn.drained += len(data)
+        if not data or conn.drained >= LINGER_DRAIN:
             self.release(conn)
 
     def release(self, conn):
@@ -691,12 +696,12 @@ class BufferingWorker(ThreadWorker):
         for arriving in list(self.arriving.values()):
             if not self.alive:
                 arriving.deadline = min(arriving.deadline, now + STOP_KEEPALIVE_LINGER)
-            if force or now < arriving.deadline:
-                if force:
-                    self.forget(arriving)
-                    self.release(arriving.conn)
+            if force:
+                self.forget(arriving)
+                self.release(arriving.conn)
+            elif now < arriving.deadline:
                 continue
-            if arriving.phase == "waiting" or (arriving.phase == "head" and not arriving.data):
+            elif arriving.phase == "waiting" or (arriving.phase == "head" and not arriving.data):
                 # A kept-alive or new connection that never sent a byte: closed
                 # without an answer, as gthread closes an idle one.
                 self.forget(arriving)
@@ -706,7 +711,7 @@ class BufferingWorker(ThreadWorker):
                 limit = self.limits.header_timeout_s if part == "head" else self.limits.body_timeout_s
                 self.refuse(arriving.conn, arriving, Refusal(
                     408, "request_timeout", "the request %s did not arrive within %g s" % (part, limit)))
-        for sock, (conn, deadline, _) in list(self.lingering.items()):
-            if force or now >= deadline:
+        for conn in list(self.lingering.values()):
+            if force or now >= conn.linger_until:
                 self.release(conn)
 
