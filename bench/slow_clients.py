@@ -262,7 +262,7 @@ def print_table(results):
             print("| %s | %s | %s | %d | %s | %s | %s | %d |" % (
                 target["worker"], name, fmt(target["quiet"].get(name, {}).get("p50_ms")), crowd["n"],
                 fmt(crowd["p50_ms"]), fmt(crowd["p99_ms"]), fmt(crowd["max_ms"]), target["failures"][name]))
-    print("\n| worker | stream events (expected) | gap p50 ms | gap max ms | errors |")
+    print("\n| worker | SSE events seen (pieces asked of the stub) | gap p50 ms | gap max ms | errors |")
     print("| --- | --- | --- | --- | --- |")
     for target in results["targets"]:
         gaps = target["stream_gaps"]
