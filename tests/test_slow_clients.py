@@ -6,9 +6,11 @@ connection; and what it refuses never reaches the upstream."""
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -413,3 +415,63 @@ def test_a_bad_client_limit_stops_the_start_with_one_line(name, value):
                             cwd=REPO, env=process.env, capture_output=True, text=True, timeout=20)
     assert result.returncode != 0
     assert ("edgegate: configuration error: %s=" % name) in result.stderr + result.stdout
+
+
+# ---------------------------------------------------------------- following a chunked body, without sockets
+
+
+def chunked_body_follower():
+    """A ChunkedBody for a chunked POST head, as the worker makes one."""
+    os.environ.setdefault("STATE_DIR", tempfile.mkdtemp(prefix="edgegate-units-"))
+    from gunicorn.config import Config as GunicornConfig
+    from gunicorn.http.message import Request
+    from gunicorn.http.unreader import IterUnreader
+
+    import edgegate_worker
+    head = b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    request = Request(GunicornConfig(), IterUnreader([head]), ("127.0.0.1", 1))
+    return edgegate_worker.ChunkedBody(request), edgegate_worker.Refusal
+
+
+def follow_in_pieces(body, size):
+    """Feed ``body`` ``size`` bytes at a time, as reads would bring it: the
+    position where the body ended (None if it did not) and the content length."""
+    follower, _ = chunked_body_follower()
+    data, pos = bytearray(), 0
+    for start in range(0, len(body), size):
+        data += body[start:start + size]
+        pos = follower.follow(data, pos)
+        if follower.done:
+            return pos, follower.decoded
+    return None, follower.decoded
+
+
+WELL_FORMED_CHUNKED = [
+    b"0\r\n\r\n",
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"5;a=b\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\n",
+    b"5 ;ext\r\nhello\r\n0\r\nX-One: 1\r\nX-Two: 2\r\n\r\n",
+    b"00005\r\nhello\r\n000\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("body", WELL_FORMED_CHUNKED)
+def test_a_chunked_body_ends_where_gunicorn_says_however_it_is_split(body):
+    from gunicorn.config import Config as GunicornConfig
+    from gunicorn.http.message import Request
+    from gunicorn.http.unreader import IterUnreader
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    after = b"GET /next HTTP/1.1\r\n\r\n"
+    request = Request(GunicornConfig(), IterUnreader([head + body + after]), ("127.0.0.1", 1))
+    content = request.body.read()
+    assert request.unreader.read() == after  # gunicorn's own reading of where the body ends
+    for size in (1, 2, 3, 7, len(body)):
+        assert follow_in_pieces(body + after, size) == (len(body), len(content))
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_CHUNKED))
+def test_a_malformed_chunked_body_is_refused_however_it_is_split(case):
+    _, Refusal = chunked_body_follower()
+    for size in (1, 2, 5, 64):
+        with pytest.raises(Refusal):
+            assert follow_in_pieces(MALFORMED_CHUNKED[case], size)[0] is None
