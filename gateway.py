@@ -205,6 +205,9 @@ class Config:
     openai_api_key: str
     openai_base_url: str
     client_send_timeout_s: float
+    client_header_timeout_s: float
+    client_body_timeout_s: float
+    max_connections_per_client: int
     bind: str
     workers: int
     threads: int
@@ -249,6 +252,9 @@ class Config:
             openai_api_key=_text(env, "OPENAI_API_KEY"),
             openai_base_url=_base_url(env, "OPENAI_BASE_URL", "https://api.openai.com"),
             client_send_timeout_s=_number(env, "CLIENT_SEND_TIMEOUT_S", 60.0, float, 1),
+            client_header_timeout_s=_number(env, "CLIENT_HEADER_TIMEOUT_S", 10.0, float, 0.1),
+            client_body_timeout_s=_number(env, "CLIENT_BODY_TIMEOUT_S", 30.0, float, 0.1),
+            max_connections_per_client=_number(env, "MAX_CONNECTIONS_PER_CLIENT", 256, int, 0),  # 0: no cap
             bind=_text(env, "GATEWAY_BIND", "0.0.0.0:11535"),
             workers=_number(env, "WORKERS", 2, int, 1, 64),
             threads=_number(env, "THREADS", 32, int, 1, 1024),

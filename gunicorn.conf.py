@@ -18,9 +18,14 @@ bind = edgegate.bind  # GATEWAY_BIND, default 0.0.0.0:11535
 workers = edgegate.workers  # WORKERS: processes; the GPU slot is shared by all of them
 threads = edgegate.threads  # THREADS: one per open request, so long streams never starve short calls
 
-# gthread: one thread per request, which the gateway needs to block on the
-# upstream while its watcher thread listens to the client socket.
-worker_class = "gthread"
+# gthread (one thread per request, which the gateway needs to block on the
+# upstream while its watcher thread listens to the client socket), except that
+# a request is read in, head and body, before it takes a thread: stock gthread
+# gives every new connection a thread at once, so THREADS slow or silent
+# clients would stall the worker (edgegate_worker.py says how, and what it
+# refuses: 408 after CLIENT_HEADER_TIMEOUT_S / CLIENT_BODY_TIMEOUT_S, 429 over
+# MAX_CONNECTIONS_PER_CLIENT, 400/405 for what the head alone shows is wrong).
+worker_class = "edgegate_worker.BufferingWorker"
 
 # For gthread, ``timeout`` is the worker heartbeat, not a request limit
 # (gunicorn/config.py, Timeout): a 10-minute generation is not killed by it.

