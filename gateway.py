@@ -648,14 +648,25 @@ BODY_DECODERS = {
 
 
 def parse_json_object(raw):
+    """The body as a JSON object, read as strictly as Ollama's decoder: UTF-8
+    only, no NaN or Infinity, no lone surrogates; a ``model`` is a string."""
     try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        if b"\\u" in raw and re.search(rb"\\u[dD][89a-fA-F]", raw):  # encoded surrogates: all must pair up
+            json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and UnicodeEncodeError are ValueErrors
         raise GatewayError(400, "invalid_json", "request body is not valid JSON: %s" % str(e)[:200])
     if not isinstance(document, dict):
         raise GatewayError(400, "invalid_json", "request body must be a JSON object, not %s"
                            % type(document).__name__)
+    if "model" in document and not isinstance(document["model"], str):
+        raise GatewayError(400, "invalid_request", "model must be a string, not %s"
+                           % type(document["model"]).__name__, )
     return document
+
+
+def _refuse_constant(name):
+    raise ValueError("%s is not JSON" % name)
 
 
 def adjust_body(path, document, config):
@@ -1251,8 +1262,9 @@ def relay_answer(exchange, forward):
         headers = [("Content-Type", forward.translation.content_type)]
         relay = Relay(exchange, forward.translation.stream_format, forward.translation.answer)
     else:
-        headers = [(k, v) for k, v in response.headers.items()
-                   if k.lower() not in HOP_BY_HOP and not k.lower().startswith("access-control-")]
+        named = {n.strip().lower() for n in response.headers.get("Connection", "").split(",")}
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP
+                   and k.lower() not in named and not k.lower().startswith("access-control-")]
         relay = Relay(exchange, stream_format(response))
     exchange.start(response.status_code, response.reason, headers)
     return relay
@@ -1385,6 +1397,14 @@ class Relay:
             event = self._error_event(failure)
             if event and not client_left:
                 yield event
+            elif self.length is not None and exchange.client_socket is not None:
+                # The client was promised Content-Length bytes: end its
+                # connection, so that it sees the answer cut short instead
+                # of waiting for the rest on a kept-alive connection.
+                try:
+                    exchange.client_socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _error_event(self, failure):
         """The last event of a broken stream, in the stream's own format."""

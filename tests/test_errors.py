@@ -292,3 +292,18 @@ def test_readyz_names_a_failing_upstream(gateway, stub):
     answer = gateway.get("/readyz")
     error = assert_envelope(answer, 503, "upstream_unreachable", provider="ollama")
     assert "upstream" in error["message"]
+
+
+@pytest.mark.parametrize("body", [b'{"model": "llama3.2", "temperature": NaN}', b'{"model": "llama3.2", "x": Infinity}',
+                                  b'{"model": "llama3.2", "x": "\\ud800"}', '{"model": "llama3.2"}'.encode("utf-16")])
+def test_json_that_ollamas_decoder_refuses_is_refused_here(gateway, stub, body):
+    answer = gateway.post("/api/chat", data=body, headers={"X-Task-Id": "strict-json"})
+    assert_envelope(answer, 400, "invalid_json", task_id="strict-json")
+    assert stub.received == []
+
+
+@pytest.mark.parametrize("model", [3, None, ["llama3.2"], {"name": "llama3.2"}])
+def test_a_model_that_is_not_a_string_is_refused_before_the_slot(gateway, stub, model):
+    answer = gateway.post("/v1/chat/completions", json={"model": model, "messages": CHAT["messages"]})
+    assert_envelope(answer, 400, "invalid_request")
+    assert stub.received == [] and gateway.wait_slot_free(1)
