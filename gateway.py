@@ -454,9 +454,8 @@ def task_id_of(environ):
     given = environ.get("HTTP_X_TASK_ID")
     if given is None:
         return str(uuid.uuid4())
-    if not TASK_ID_RE.match(given) or given in status.RESERVED_TASK_IDS:
-        raise GatewayError(400, "invalid_task_id", "X-Task-Id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ "
-                           "and not be 'index' or 'cancels'")
+    if not TASK_ID_RE.match(given):
+        raise GatewayError(400, "invalid_task_id", "X-Task-Id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
     return given
 
 

@@ -10,7 +10,7 @@ A task is one proxied request. Its document (README, "Task status") goes through
 Two stores keep the documents with the same contract:
 
 * ``RedisStore``  -- key ``<prefix><task_id>`` (a JSON string) with a TTL, and a
-  sorted set ``<prefix>index`` (score = creation time) for listing, so that
+  sorted set ``<prefix>_index`` (score = creation time) for listing, so that
   listing never scans the keyspace.
 * ``SqliteStore`` -- one table in ``STATE_DIR/tasks.sqlite3``, shared by every
   worker process through SQLite's own file locking, expiring on the same TTLs.
@@ -40,9 +40,10 @@ PENDING, RUNNING, SUCCESS, FAILED = "PENDING", "RUNNING", "SUCCESS", "FAILED"
 LIVE_STATES = (PENDING, RUNNING)
 STATES = (PENDING, RUNNING, SUCCESS, FAILED)
 
-# Task ids that would collide with the store's own keys (``<prefix>index``,
-# ``<prefix>cancels``); the gateway refuses them as task ids.
-RESERVED_TASK_IDS = frozenset({"index", "cancels"})
+# The Redis store's own keys start with "_" after the prefix, which no task id
+# can (a task id starts with a letter or digit): a task id never names anything
+# but a task, so "index" is a task id like any other.
+INDEX_SUFFIX, CANCELS_SUFFIX = "_index", "_cancels"
 
 # How many tasks the list index remembers at most; older entries are trimmed.
 INDEX_MAX = 10000
@@ -130,8 +131,8 @@ return 1
     def __init__(self, client, prefix, ttl_running, ttl_done, stale_after):
         self.client = client
         self.prefix = prefix
-        self.index_key = prefix + "index"
-        self.cancels_key = prefix + "cancels"
+        self.index_key = prefix + INDEX_SUFFIX
+        self.cancels_key = prefix + CANCELS_SUFFIX
         self.ttl_running = ttl_running
         self.ttl_done = ttl_done
         self.stale_after = stale_after

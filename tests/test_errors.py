@@ -42,7 +42,7 @@ def test_body_that_is_not_a_json_object_is_refused(gateway, stub, body):
     assert stub.received == []
 
 
-@pytest.mark.parametrize("task_id", ["-starts-with-dash", "has space", "x" * 129, "semi;colon", "index", "ünï"])
+@pytest.mark.parametrize("task_id", ["-starts-with-dash", "has space", "x" * 129, "semi;colon", "_index", "ünï"])
 def test_bad_task_id_is_refused(gateway, stub, task_id):
     answer = requests.get(gateway.url + "/api/tags", headers={"X-Task-Id": task_id.encode("utf-8")}, timeout=5)
     assert_envelope(answer, 400, "invalid_task_id")

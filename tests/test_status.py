@@ -174,8 +174,8 @@ def test_redis_keys_and_ttls(redis_gateway, redis_server, stub):
     sock.close()
     redis_gateway.wait_state("ttl-1", {"FAILED"})
     assert 86390 <= client.ttl("ts:ollama:ttl-1") <= 86400
-    assert client.zscore("ts:ollama:index", "ttl-1") is not None
-    assert client.type("ts:ollama:index") == b"zset"
+    assert client.zscore("ts:ollama:_index", "ttl-1") is not None
+    assert client.type("ts:ollama:_index") == b"zset"
 
 
 # ---------------------------------------------------------------- list
@@ -381,3 +381,15 @@ def test_status_writes_are_batched_not_per_chunk(redis_gateway, redis_server, st
     stats = client.info("commandstats")
     assert stub.requests_to("/api/chat")[-1].pieces_sent == 201
     assert stats["cmdstat_set"]["calls"] <= 12, stats  # heartbeats by time, never per chunk
+
+
+def test_task_ids_never_name_the_stores_own_keys(redis_gateway, stub):
+    """"index" and "cancels" are task ids like any other: asking for them
+    reads no bookkeeping key, and the store stays up for everyone."""
+    assert redis_gateway.status("index").status_code == 404
+    assert redis_gateway.get("/tasks/status/cancels").status_code == 404
+    assert requests.delete(redis_gateway.url + "/tasks/cancels", timeout=5).status_code == 404
+    answer = redis_gateway.post("/api/chat", json=dict(CHAT, stream=False), headers={"X-Task-Id": "index"})
+    assert answer.status_code == 200
+    assert redis_gateway.wait_state("index", ["SUCCESS"])["task_id"] == "index"
+    assert redis_gateway.get("/tasks/status?limit=5").status_code == 200
