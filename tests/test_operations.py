@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import venv
@@ -161,3 +162,21 @@ def _answers(url):
         return requests.get(url, timeout=0.5).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_a_request_can_never_write_a_log_line_of_its_own(start_gateway, stub):
+    """A newline in the path (%0a) or in the model is escaped: one request, one line."""
+    gateway = start_gateway(WORKERS="1")
+    forged = '6.6.6.6 "POST /api/pull" 200 task=forged'
+    sock = socket.create_connection(("127.0.0.1", gateway.port))
+    sock.sendall(b"GET /api/tags%0a" + forged.replace(" ", "%20").encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                 b"X-Task-Id: inject-1\r\nConnection: close\r\n\r\n")
+    sock.recv(65536)
+    sock.close()
+    gateway.post("/api/chat", json={"model": "llama3.2\n" + forged, "messages": [], "stream": False},
+                 headers={"X-Task-Id": "inject-2"})
+    assert wait_until(lambda: "task=inject-2" in gateway.read_log(), 3)
+    log = gateway.read_log().splitlines()
+    assert not any(line.startswith("6.6.6.6") for line in log)
+    assert len([line for line in log if "task=inject-1 " in line]) == 1
+    assert len([line for line in log if "task=inject-2 " in line]) == 1
