@@ -28,6 +28,7 @@ every task end with a final state? -- are answered in one place:
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import hmac
 import http.client
 import io
@@ -110,20 +111,45 @@ def _base_url(env, name, default, alias=None):
     return raw
 
 
+@dataclasses.dataclass(frozen=True)
+class ApiKey:
+    """One key of GATEWAY_API_KEYS: its secret, the name that stands for it
+    in task documents, the access log and metrics, and whether it is admin."""
+
+    secret: bytes = dataclasses.field(repr=False)
+    name: str
+    admin: bool
+
+
+KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 def _api_keys(env):
+    """``key1,key2`` (bare keys), or ``@/path/file`` with one ``KEY [NAME [admin]]``
+    a line. A bare key is named by a short fingerprint of it and is not admin."""
     raw = _text(env, "GATEWAY_API_KEYS")
     if raw.startswith("@"):
         try:
             with open(raw[1:], encoding="utf-8") as f:
-                lines = f.read().splitlines()
+                lines = [line.split() for line in f.read().splitlines() if line.strip() and not line.startswith("#")]
         except OSError as e:
             raise ConfigError("GATEWAY_API_KEYS=%r: cannot read the key file (%s)" % (raw, e.strerror))
-        keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        if not keys:
+        if not lines:
             raise ConfigError("GATEWAY_API_KEYS=%r: the key file holds no key" % raw)
     else:
-        keys = [k.strip() for k in raw.split(",") if k.strip()]
-    return tuple(k.encode() for k in keys)
+        lines = [[k.strip()] for k in raw.split(",") if k.strip()]
+    keys = []
+    for number, fields in enumerate(lines, 1):
+        secret = fields[0]
+        name = fields[1] if len(fields) > 1 else "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+        role = fields[2] if len(fields) > 2 else ""
+        if not KEY_NAME_RE.match(name) or role not in ("", "admin") or len(fields) > 3:
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: expected KEY [NAME [admin]], NAME of letters, "
+                              "digits, '.', '_' or '-'" % (raw, number))
+        keys.append(ApiKey(secret.encode(), name, role == "admin"))
+    if len({k.name for k in keys}) != len(keys):
+        raise ConfigError("GATEWAY_API_KEYS=%r: two keys have the same name" % raw)
+    return tuple(keys)
 
 
 KEEP_ALIVE_RE = re.compile(r"^-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?$|^(-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
@@ -353,8 +379,12 @@ class Gateway:
             return self.route(exchange)
         except Exception:  # a bug of ours: the exchange still ends, with one envelope, never a bare 500
             log.exception("internal error on %s %s", exchange.method, printable(exchange.path))
-            return exchange.fail(GatewayError(500, "internal_error", "the gateway failed on this request; "
-                                              "see its log", stage="internal_error"), sys.exc_info())
+            error = GatewayError(500, "internal_error", "the gateway failed on this request; see its log",
+                                 stage="internal_error")
+            if exchange.status_code is not None:  # an answer has started and cannot be replaced: gunicorn cuts it
+                exchange.close(Outcome.of(error))
+                raise
+            return exchange.fail(error, sys.exc_info())
 
     def route(self, exchange):
         path = exchange.path
@@ -366,7 +396,7 @@ class Gateway:
                 return exchange.answer(200, {"status": "ok", "pid": os.getpid()})
             if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
                 return proxy(self, exchange)
-            check_api_key(self.config, exchange.environ)
+            exchange.key = check_api_key(self.config, exchange.environ)
             if path.startswith(("/v1/", "/api/")):
                 return proxy(self, exchange)
             return own_route(self, exchange)
@@ -377,20 +407,23 @@ class Gateway:
 
 
 def check_api_key(config, environ):
-    """GATEWAY_API_KEYS: ``Authorization: Bearer`` or ``X-API-Key``, in constant time."""
+    """GATEWAY_API_KEYS: ``Authorization: Bearer`` or ``X-API-Key``, in
+    constant time. The key that matched (None when keys are off)."""
     if not config.api_keys:
-        return
+        return None
     offered = environ.get("HTTP_X_API_KEY", "")
     authorization = environ.get("HTTP_AUTHORIZATION", "")
     if authorization[:7].lower() == "bearer ":
         offered = authorization[7:].strip()
     offered = offered.encode("utf-8", "replace")
-    match = False
+    match = None
     for key in config.api_keys:  # no early exit: the same time whichever key matches
-        match |= hmac.compare_digest(offered, key)
-    if not match:
-        raise GatewayError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
-                           headers=[("WWW-Authenticate", "Bearer")])
+        if hmac.compare_digest(offered, key.secret):
+            match = key
+    if match:
+        return match
+    raise GatewayError(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
+                       headers=[("WWW-Authenticate", "Bearer")])
 
 
 def allowed_origin(config, environ):
@@ -521,9 +554,13 @@ def read_request(config, exchange):
     """Refusals first, then the body: decoded if it came compressed, parsed
     and adjusted on an inference route, passed on as it came elsewhere."""
     path, method = exchange.path, exchange.method
-    if (path.rstrip("/") in MANAGEMENT_PATHS or path.startswith(MANAGEMENT_PREFIXES)) and not config.allow_management:
-        raise GatewayError(403, "management_disabled",
-                           "%s is disabled on this gateway (set ALLOW_MANAGEMENT=1 to allow it)" % path)
+    if path.rstrip("/") in MANAGEMENT_PATHS or path.startswith(MANAGEMENT_PREFIXES):
+        if not config.allow_management:
+            raise GatewayError(403, "management_disabled",
+                               "%s is disabled on this gateway (set ALLOW_MANAGEMENT=1 to allow it)" % path)
+        if exchange.key is not None and not exchange.key.admin:
+            raise GatewayError(403, "management_disabled", "%s needs an admin key (GATEWAY_API_KEYS, "
+                               "a line 'KEY NAME admin' in the key file)" % path)
     raw, decoded = decoded_body(exchange.environ, read_body(exchange.environ, config.max_body_bytes),
                                 config.max_body_bytes)
     kind = INFERENCE_ROUTES.get(path) if method == "POST" else None
@@ -696,12 +733,13 @@ def take_slot(gateway, exchange):
     exchange.slot = slots.try_take(holder)
     if exchange.slot is None and wait_s > 0:
         exchange.slot = slots.take(holder, wait_s, lambda: exchange.call.reason is not None)
-    if exchange.call.reason:
+    if exchange.slot is not None:
+        exchange.slot_taken_at = time.monotonic()
+    if exchange.call.reason:  # cancelled while waiting, maybe just as the slot came: the ending frees it
         raise exchange.abort_error()
     if exchange.slot is None:
         gateway.metrics.count("gpu_busy")
         raise GatewayError(503, "gpu_busy", busy_message(slots), headers=gateway.retry_after, stage="gpu_busy")
-    exchange.slot_taken_at = time.monotonic()
     waited = exchange.slot_taken_at - exchange.started
     gateway.metrics.observe("slot_wait", waited)
     exchange.slot_wait_ms = "%.1f" % (waited * 1000)
@@ -1559,7 +1597,7 @@ class Watcher:
     def watch(self, exchange):
         """From the claim of its task to its ending (``Exchange.close``)."""
         with self.lock:
-            self.exchanges[exchange.task.task_id] = exchange
+            self.exchanges[exchange.task.store_id] = exchange
             if exchange.client_socket is not None:
                 try:
                     self.selector.register(exchange.client_socket, selectors.EVENT_READ, exchange)
@@ -1568,8 +1606,8 @@ class Watcher:
 
     def unwatch(self, exchange):
         with self.lock:
-            if self.exchanges.get(exchange.task.task_id) is exchange:
-                del self.exchanges[exchange.task.task_id]
+            if self.exchanges.get(exchange.task.store_id) is exchange:
+                del self.exchanges[exchange.task.store_id]
             self._unregister(exchange)
 
     def _unregister(self, exchange):
@@ -1620,9 +1658,9 @@ class Watcher:
                 # client that stays connected but never reads would hold this
                 # request's thread (and slot) for ever.
                 self._drop_slow_reader(exchange)
-        cancelled = self.board.call("cancels_among", [e.task.task_id for e in exchanges], default=set())
+        cancelled = self.board.call("cancels_among", [e.task.store_id for e in exchanges], default=set())
         for exchange in exchanges:
-            if exchange.task.task_id in cancelled:
+            if exchange.task.store_id in cancelled:
                 exchange.call.abort("cancelled")
 
     @staticmethod
@@ -1698,6 +1736,7 @@ class Exchange:
         self.status_code = None
         self.bytes_out = 0
         self.cors_origin = None  # the request's Origin, when CORS_ORIGINS allows it
+        self.key = None  # the ApiKey the request came with (keys on)
         self.closed = False
         self._close_lock = threading.Lock()
 
@@ -1705,7 +1744,7 @@ class Exchange:
 
     def claim_task(self):
         task = status.Task(self.gateway.board, self.task_id, self.gateway.config.algorithm_id, self.method,
-                           self.path)
+                           self.path, owner=self.key.name if self.key else None)
         task.extensions.update(model=self.model, stream=self.stream)
         if not task.claim():
             raise GatewayError(409, "task_id_in_use", "task %s is still pending or running" % self.task_id)
@@ -1743,7 +1782,7 @@ class Exchange:
     def start(self, status_code, reason, headers, exc_info=None):
         """Start the answer. It is counted now, so that /metrics shows a long stream that has begun."""
         self.status_code = status_code
-        self.gateway.metrics.request(self.path, status_code)
+        self.gateway.metrics.request(self.path, status_code, self.key)
         if self.task_id:
             headers = list(headers) + [("X-Task-Id", self.task_id)]
         if self.cors_origin:
@@ -1782,6 +1821,8 @@ class Exchange:
         try:
             self._let_go_of_upstream()
             self._free_slot()
+        except Exception:  # never into the answer: the client's answer is already started
+            log.exception("ending %s %s", self.method, printable(self.path))
         finally:
             if self.task is not None:
                 self.gateway.watcher.unwatch(self)
@@ -1819,10 +1860,11 @@ def access_line(exchange):
     every value from the request escaped, so that it stays one line."""
     started = exchange.started
     ttfb = "%.1f" % ((exchange.first_byte_at - started) * 1000) if exchange.first_byte_at else "-"
-    return '%s "%s %s" %s task=%s model=%s slot_wait_ms=%s ttfb_ms=%s duration_ms=%d bytes=%d' % (
+    return '%s "%s %s" %s task=%s model=%s slot_wait_ms=%s ttfb_ms=%s duration_ms=%d bytes=%d key=%s' % (
         exchange.environ.get("REMOTE_ADDR", "-"), printable(exchange.method), printable(exchange.path),
         exchange.status_code or "-", exchange.task_id or "-", printable(exchange.model) if exchange.model else "-",
-        exchange.slot_wait_ms or "-", ttfb, (time.monotonic() - started) * 1000, exchange.bytes_out)
+        exchange.slot_wait_ms or "-", ttfb, (time.monotonic() - started) * 1000, exchange.bytes_out,
+        exchange.key.name if exchange.key else "-")
 
 
 def printable(text):
@@ -1847,7 +1889,7 @@ def own_route(gateway, exchange):
     if path == "/tasks/status" and method == "GET":
         return list_tasks(gateway, exchange)
     if path.startswith("/tasks/status/") and method == "GET":
-        return exchange.answer(200, known_task(gateway, path[len("/tasks/status/"):]))
+        return exchange.answer(200, known_task(gateway, exchange, path[len("/tasks/status/"):])[1])
     if path.startswith("/tasks/") and method == "DELETE":
         return cancel_task(gateway, exchange, path[len("/tasks/"):])
     if path == "/metrics" and method == "GET":
@@ -1882,14 +1924,24 @@ def readyz(gateway, exchange):
     return exchange.fail(error)
 
 
-def known_task(gateway, task_id):
-    """The task's document, or 404."""
+def known_task(gateway, exchange, wanted):
+    """(where it is kept, its document) of a task the caller may see, or 404.
+
+    With API keys, each key has its own task ids and sees only its own
+    tasks; another key's task is 404, never 403, so ids do not leak. An
+    admin key sees every task: its own as ``<id>``, another key's as
+    ``<key name>/<id>``."""
+    key = exchange.key
+    owner, _, task_id = wanted.rpartition("/")
+    if owner and (key is None or not key.admin or not KEY_NAME_RE.match(owner)):
+        raise GatewayError(404, "not_found", "no task with that id")
     if not TASK_ID_RE.match(task_id):
         raise GatewayError(404, "not_found", "no task with that id")
-    document = gateway.board.query("get", task_id)
+    kept_as = status.store_id(task_id, owner or (key.name if key else None))
+    document = gateway.board.query("get", kept_as)
     if document is None:
-        raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % task_id)
-    return document
+        raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % printable(wanted))
+    return kept_as, document
 
 
 def list_tasks(gateway, exchange):
@@ -1900,25 +1952,27 @@ def list_tasks(gateway, exchange):
     state = query.get("state", [None])[-1]
     if state is not None and state not in status.STATES:
         raise GatewayError(400, "invalid_request", "state must be one of %s" % ", ".join(status.STATES))
-    items = gateway.board.query("recent", int(limit_text), state)
+    key = exchange.key
+    items = gateway.board.query("recent", int(limit_text), state, key.name if key and not key.admin else None)
     return exchange.answer(200, {"items": items, "count": len(items)})
 
 
 def cancel_task(gateway, exchange, task_id):
     """DELETE /tasks/<id>: cancel it wherever it runs, and wait (briefly)
     to answer with its final document."""
-    document = known_task(gateway, task_id)
+    kept_as, document = known_task(gateway, exchange, task_id)
     if document["state"] not in status.LIVE_STATES:
-        raise GatewayError(409, "task_finished", "task %s has already finished (%s)" % (task_id, document["state"]))
-    local = gateway.watcher.local(task_id)
+        raise GatewayError(409, "task_finished", "task %s has already finished (%s)"
+                           % (printable(task_id), document["state"]))
+    local = gateway.watcher.local(kept_as)
     if local is not None:
         local.call.abort("cancelled")
     else:
-        gateway.board.query("request_cancel", task_id)
+        gateway.board.query("request_cancel", kept_as)
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        document = gateway.board.query("get", task_id) or document
+        document = gateway.board.query("get", kept_as) or document
         if document["state"] not in status.LIVE_STATES:
             return exchange.answer(200, document)
     return exchange.answer(202, document)
@@ -1956,8 +2010,9 @@ class Metrics:
         self.prom, self.multiprocess, self.GaugeMetricFamily = prom, multiprocess, GaugeMetricFamily
         seconds = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
         own = {"registry": None}  # the values live in the multiprocess files, read at scrape time
-        self.requests = prom.Counter("edgegate_requests_total", "Requests answered, by route class and status",
-                                     ["route", "status"], **own)
+        self.requests = prom.Counter("edgegate_requests_total",
+                                     "Requests answered, by route class, status and API key name",
+                                     ["route", "status", "key"], **own)
         self.gpu_busy = prom.Counter("edgegate_gpu_busy_total", "Inference requests refused with 503 gpu_busy",
                                      **own)
         self.slot_wait = prom.Histogram("edgegate_slot_wait_seconds", "Time spent waiting for a GPU slot",
@@ -1974,12 +2029,12 @@ class Metrics:
                                        multiprocess_mode="livesum", **own)
         self.enabled = True
 
-    def request(self, path, status_code):
+    def request(self, path, status_code, key=None):
         if self.enabled:
             route = next((name for prefix, name in self.ROUTE_CLASSES if path.startswith(prefix)), "other")
             if path in INFERENCE_ROUTES:
                 route = "inference"
-            self.requests.labels(route, str(status_code or "-")).inc()
+            self.requests.labels(route, str(status_code or "-"), key.name if key else "-").inc()
 
     def observe(self, histogram, seconds):
         if self.enabled:
@@ -2220,7 +2275,8 @@ app = Gateway(load_config())
 def _masked(config):
     """The configuration as ``check`` prints it: secrets shown as ***."""
     shown = dataclasses.asdict(config)
-    shown["api_keys"] = "%d key(s)" % len(config.api_keys) if config.api_keys else ""
+    shown["api_keys"] = "%d key(s): %s" % (len(config.api_keys), ", ".join(
+        k.name + (" (admin)" if k.admin else "") for k in config.api_keys)) if config.api_keys else ""
     for secret in ("redis_password", "openai_api_key"):
         if shown[secret]:
             shown[secret] = "***"

@@ -65,6 +65,16 @@ class StoreUnavailable(Exception):
         self.provider = provider
 
 
+def store_id(task_id, owner=None):
+    """Where a task is kept: its id, or ``<key name>/<id>`` when API keys are
+    on, so that each key has its own ids (neither part can hold a "/")."""
+    return task_id if owner is None else owner + "/" + task_id
+
+
+def _store_id_of(document):
+    return store_id(document["task_id"], document["extensions"].get("key"))
+
+
 def seen_now(document, stale_after, now=None):
     """The document as a reader should see it: a live task whose heartbeat is
     older than ``stale_after`` lost its worker and is reported FAILED."""
@@ -82,14 +92,17 @@ def seen_now(document, stale_after, now=None):
     return document
 
 
-def _pick_recent(pages, limit, state, stale_after):
+def _pick_recent(pages, limit, state, stale_after, owner=None):
     """Newest-first documents from ``pages`` (an iterator of lists of
-    documents, newest first), filtered by ``state``, at most ``limit``."""
+    documents, newest first), filtered by ``state`` and by the key that made
+    them (``owner``, when given), at most ``limit``."""
     items = []
     now = time.time()
     for page in pages:
         for document in page:
             document = seen_now(document, stale_after, now)
+            if owner is not None and document["extensions"].get("key") != owner:
+                continue
             if state is None or document["state"] == state:
                 items.append(document)
                 if len(items) >= limit:
@@ -166,22 +179,23 @@ return 1
     def claim(self, document):
         stale_before = time.time() - self.stale_after
         done = self._claim(
-            keys=[self.prefix + document["task_id"], self.index_key, self.cancels_key],
-            args=[json.dumps(document), self._ttl(document), document["timestamp"], document["task_id"], stale_before],
+            keys=[self.prefix + _store_id_of(document), self.index_key, self.cancels_key],
+            args=[json.dumps(document), self._ttl(document), document["timestamp"], _store_id_of(document),
+                  stale_before],
         )
         return bool(done)
 
     def put(self, documents):
         pipe = self.client.pipeline(transaction=False)
         for document in documents:
-            pipe.set(self.prefix + document["task_id"], json.dumps(document), ex=self._ttl(document))
+            pipe.set(self.prefix + _store_id_of(document), json.dumps(document), ex=self._ttl(document))
         pipe.execute()
 
     def get(self, task_id):
         raw = self.client.get(self.prefix + task_id)
         return seen_now(json.loads(raw), self.stale_after) if raw else None
 
-    def recent(self, limit, state=None):
+    def recent(self, limit, state=None, owner=None):
         def pages(page_size=max(limit, 100)):
             start = 0
             while True:
@@ -195,7 +209,7 @@ return 1
                 yield [json.loads(raw) for raw in raws if raw is not None]
                 start += page_size - len(gone)
 
-        return _pick_recent(pages(), limit, state, self.stale_after)
+        return _pick_recent(pages(), limit, state, self.stale_after, owner)
 
     def request_cancel(self, task_id):
         now = time.time()
@@ -292,7 +306,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
             " ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, created = excluded.created,"
             " updated = excluded.updated, expires = excluded.expires, cancel = 0, document = excluded.document"
             " WHERE NOT (tasks.state IN ('PENDING', 'RUNNING') AND tasks.expires > ? AND tasks.updated >= ?)",
-            (document["task_id"], document["state"], now, document["timestamp"], self._expires(document, now),
+            (_store_id_of(document), document["state"], now, document["timestamp"], self._expires(document, now),
              json.dumps(document), now, now - self.stale_after),
         )
         return cursor.rowcount == 1
@@ -302,7 +316,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         db = self._connection()
         now = time.time()
         rows = [
-            (d["task_id"], d["state"], now, d["timestamp"], self._expires(d, now), json.dumps(d))
+            (_store_id_of(d), d["state"], now, d["timestamp"], self._expires(d, now), json.dumps(d))
             for d in documents
         ]
         upsert = ("INSERT INTO tasks (task_id, state, created, updated, expires, document) VALUES (?, ?, ?, ?, ?, ?)"
@@ -328,7 +342,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         return seen_now(json.loads(row[0]), self.stale_after) if row else None
 
     @_one_at_a_time
-    def recent(self, limit, state=None):
+    def recent(self, limit, state=None, owner=None):
         db = self._connection()
 
         def pages(page_size=max(limit, 100)):
@@ -343,7 +357,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
                 yield [json.loads(r[0]) for r in rows]
                 offset += page_size
 
-        return _pick_recent(pages(), limit, state, self.stale_after)
+        return _pick_recent(pages(), limit, state, self.stale_after, owner)
 
     @_one_at_a_time
     def request_cancel(self, task_id):
@@ -453,9 +467,10 @@ class Task:
     the final state.
     """
 
-    def __init__(self, board, task_id, algorithm_id, method, path):
+    def __init__(self, board, task_id, algorithm_id, method, path, owner=None):
         self.board = board
         self.task_id = task_id
+        self.store_id = store_id(task_id, owner)  # owner: the name of the API key that made it
         self.algorithm_id = algorithm_id
         self.state = PENDING
         self.stage = "queued"
@@ -464,6 +479,8 @@ class Task:
             "method": method, "path": path, "stream": False, "model": None, "upstream_status": None,
             "prompt_tokens": None, "completion_tokens": None, "ttft_ms": None, "duration_ms": None,
         }
+        if owner is not None:
+            self.extensions["key"] = owner
         self.lock = threading.Lock()
         self.dirty = False
         self.finished = False
