@@ -947,8 +947,12 @@ def give_model_its_lifetime(gateway, exchange, request):
     document, lifetimes = request.document, gateway.lifetimes
     keep_alive = document.get("keep_alive", gateway.config.keep_alive_default)
     model = document.get("model")
-    if keep_alive in ("", None) or not lifetimes.needed(model, keep_alive):
+    if keep_alive in ("", None):
         return
+    if not lifetimes.needed(model, keep_alive):
+        lifetimes.used(model, keep_alive)  # this request restarts the lifetime it already has
+        return
+    gateway.metrics.count("load_calls")
     load_path = "/api/embed" if request.path in EMBEDDING_PATHS else "/api/generate"
     headers = forwarded_headers(exchange.environ, bool(gateway.config.api_keys))
     headers["Content-Type"] = "application/json"
@@ -1012,9 +1016,13 @@ class ModelLifetimes:
     keeps. (If Ollama must reload the model for that request, for another
     num_ctx say, ``load`` falls back to OLLAMA_KEEP_ALIVE.)
 
-    The call costs one upstream round trip, so it is skipped when this worker
-    gave the same model the same lifetime and used it within half of that
-    lifetime. An upstream that answers 404 to it does not speak Ollama's
+    The call costs one upstream round trip, so it is skipped while the model
+    cannot have been unloaded: this worker gave it the same lifetime, and a
+    request of this worker used it less than that lifetime ago (less a
+    margin). Every use counts, since each request restarts the model's
+    lifetime in Ollama (``server/sched.go``: the expiry is set when the
+    runner goes idle). So a model in steady use gets one load call, and one
+    again only after it may have expired. An upstream that answers 404 to it does not speak Ollama's
     native API (vLLM, llama.cpp's server): it is noted once and no more load
     calls are sent.
     """
@@ -1036,7 +1044,7 @@ class ModelLifetimes:
             last = self._last.get(model)
         if last is None or last[0] != keep_alive or seconds is None:
             return True
-        return time.monotonic() - last[2] > seconds / 2
+        return time.monotonic() - last[2] > seconds - max(1.0, seconds * 0.1)
 
     def native_api_gone(self):
         """Note that the upstream lacks Ollama's native API; True only the
@@ -2025,6 +2033,8 @@ class Metrics:
         self.upstream_errors = prom.Counter("edgegate_upstream_errors_total", "Failed upstream calls, by kind",
                                             ["kind"], **own)
         self.store_errors = prom.Counter("edgegate_store_errors_total", "Failed task store calls", **own)
+        self.load_calls = prom.Counter("edgegate_keep_alive_load_calls_total",
+                                       "keep_alive load calls sent before /v1 requests", **own)
         self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
                                        multiprocess_mode="livesum", **own)
         self.enabled = True

@@ -211,3 +211,20 @@ def test_default_model_replaces_missing_and_aliased_models(start_gateway, stub):
     gateway.post("/api/chat", json={"model": "llama3.2", "messages": CHAT, "stream": False})
     assert [r.json().get("model") for r in stub.received] == ["qwen2.5:7b", "qwen2.5:7b", "qwen2.5:7b", "llama3.2"]
     assert all("keep_alive" not in r.json() for r in stub.received)  # KEEP_ALIVE_DEFAULT="" disables it
+
+
+def test_a_model_in_steady_use_gets_one_load_call_and_another_only_once_it_may_have_expired(start_gateway, stub):
+    """Each request restarts the model's lifetime in Ollama, so a model used
+    every second with keep_alive 3s is never reloaded; after a pause longer
+    than its lifetime (less a margin) it gets a load call again. /metrics
+    counts what the upstream received."""
+    gateway = start_gateway(WORKERS=1, KEEP_ALIVE_DEFAULT="3s")
+    for _ in range(5):
+        assert gateway.post("/v1/chat/completions", json={"model": "llama3.2", "messages": CHAT}).status_code == 200
+        time.sleep(1)
+    assert [r.path for r in stub.received].count("/api/generate") == 1
+    time.sleep(1.5)  # 2.5 s since the last use: past 3 s less the 1 s margin
+    gateway.post("/v1/chat/completions", json={"model": "llama3.2", "messages": CHAT})
+    assert [r.path for r in stub.received].count("/api/generate") == 2
+    text = gateway.get("/metrics").text
+    assert "edgegate_keep_alive_load_calls_total 2.0" in text
