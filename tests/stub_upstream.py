@@ -64,6 +64,7 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     reset_after=N     reset the connection (RST) after N pieces; 0 = before headers
     truncate_after=N  close after N pieces without ending the chunked body
     malformed=1       a 200 whose JSON body is broken
+    short_body=1      a 200 whose Content-Length promises more bytes than it sends, then closes
     html500=1         a 500 with an HTML page
     garbage=1         an answer that is not HTTP
     never=1           accept and never answer
@@ -537,6 +538,15 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(500, "text/html", b"<html><body><h1>500 Internal Server Error</h1></body></html>")
         if knobs.get("malformed"):
             return self._send(200, "application/json", b'{"model": "llama3.2", "message": {"content": "trunc')
+        if knobs.get("short_body"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "200")
+            self.end_headers()
+            self.wfile.write(b'{"model": "llama3.2", "done"')  # 19 of the 200 bytes
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if "status" in knobs:
             return self._error(path, int(knobs["status"]), "stub error %s" % knobs["status"])
         if request.get("model") == "missing":

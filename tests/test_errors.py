@@ -307,3 +307,24 @@ def test_a_model_that_is_not_a_string_is_refused_before_the_slot(gateway, stub, 
     answer = gateway.post("/v1/chat/completions", json={"model": model, "messages": CHAT["messages"]})
     assert_envelope(answer, 400, "invalid_request")
     assert stub.received == [] and gateway.wait_slot_free(1)
+
+
+def test_an_answer_shorter_than_its_content_length_closes_the_clients_connection(gateway, stub):
+    """The client was promised 200 bytes and gets 19: its connection is
+    closed so that it sees the cut at once, instead of waiting on a
+    kept-alive connection for bytes that never come."""
+    sock = socket.create_connection(("127.0.0.1", gateway.port))
+    body = json.dumps(dict(CHAT, stream=False)).encode()
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Stub: short_body=1\r\nX-Task-Id: short-1\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock.settimeout(5)
+    started, received = time.monotonic(), b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        received += data
+    assert time.monotonic() - started < 3  # closed, not left waiting
+    assert b"Content-Length: 200" in received and len(received.partition(b"\r\n\r\n")[2]) < 200
+    document = gateway.wait_state("short-1", ["SUCCESS", "FAILED"])
+    assert (document["state"], document["stage"]) == ("FAILED", "upstream_error")
