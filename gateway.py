@@ -35,7 +35,6 @@ import io
 import json
 import logging
 import os
-import posixpath
 import queue
 import re
 import selectors
@@ -397,7 +396,7 @@ class Gateway:
             if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
                 return proxy(self, exchange)
             exchange.key = check_api_key(self.config, exchange.environ)
-            if path.startswith(("/v1/", "/api/")):
+            if path.startswith(("/v1/", "/api/", "//")):  # "//api/pull" is refused as a spelling, not a 404
                 return proxy(self, exchange)
             return own_route(self, exchange)
         except GatewayError as error:
@@ -495,7 +494,7 @@ def task_id_of(environ):
 def check_path_spelling(path):
     """Refuse ``.``, ``..`` and ``//`` segments, so that no spelling of a
     path reaches a route that its plain spelling is refused."""
-    if path != "/" and path.rstrip("/") != posixpath.normpath(path):
+    if "//" in path or any(segment in (".", "..") for segment in path.split("/")):
         raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
 
 
