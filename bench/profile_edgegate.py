@@ -59,6 +59,13 @@ AREAS = [
 ]
 
 
+# Frames on nearly every stack that say only "a thread" or "gunicorn started a worker": left out of
+# the inclusive table (ThreadWorker.run stays: it is the worker's main thread, accepting and polling).
+PLUMBING = re.compile(r"^(Thread\._bootstrap(_inner)?|Thread\.run|_worker|_WorkItem\.run|_run_module_as_main|_run_code"
+                      r"|<module>|run|Application\.run|BaseApplication\.run|Arbiter\.\w+|Worker\.init_process"
+                      r"|ThreadWorker\.init_process) \(")
+
+
 def find_tool(option, name, variable):
     for candidate in (option, os.environ.get(variable), shutil.which(name),
                       os.path.join(os.path.dirname(sys.executable), name)):
@@ -153,7 +160,8 @@ def python_report(stacks, seconds_per_sample, cpu, top):
     lines += ["| %.1f | `%s` |" % (pct(c), name) for name, c in own.most_common(top)]
     lines += ["", "Inclusive time (the function or what it calls), % of the worker's CPU time:", "",
               "| % | function (file) |", "| ---: | --- |"]
-    lines += ["| %.1f | `%s` |" % (pct(c), name) for name, c in under.most_common(top * 3)]
+    lines += ["| %.1f | `%s` |" % (pct(c), name)
+              for name, c in [(n, c) for n, c in under.most_common() if not PLUMBING.match(n)][:top * 3]]
     lines += ["", "Self time by module, % of the worker's CPU time:", "", "| % | module |", "| ---: | --- |"]
     lines += ["| %.1f | %s |" % (pct(c), area) for area, c in areas.most_common() if pct(c) >= 0.5]
     return lines
