@@ -74,29 +74,51 @@ def find_tool(option, name, variable):
     return None
 
 
-def python_load(target, path, seconds, concurrency):
-    """Without wrk: ``concurrency`` threads sending the small POST in a loop."""
-    stop = time.monotonic() + seconds
+class Load:
+    """The benchmark's small POST at ``concurrency`` for ``seconds``: wrk,
+    else Python client threads. ``rate`` (requests per second) once done."""
 
-    def client():
-        while time.monotonic() < stop:
-            run.sequential_latency(target, 20, path)
+    def __init__(self, target, path, seconds, concurrency, tmp):
+        self.rate = None
+        if shutil.which("wrk"):
+            script = os.path.join(tmp, "wrk.lua")
+            with open(script, "w") as f:
+                f.write(run.WRK_SCRIPT % ("POST", run.SMALL_CHAT.decode(), ""))
+            self.wrk = subprocess.Popen(["wrk", "-t2", "-c%d" % concurrency, "-d%ds" % seconds, "-s", script,
+                                         target.url + path], stdout=subprocess.PIPE, text=True)
+            self.how = "wrk -t2 -c%d" % concurrency
+            return
+        self.wrk, self.done, started = None, [], time.monotonic()
+        stop = started + seconds
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    return threads
+        def client():
+            while time.monotonic() < stop:
+                self.done.append(len(run.sequential_latency(target, 10, path)))
+
+        self.threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+        for thread in self.threads:
+            thread.start()
+        self.how = "%d Python client threads" % concurrency
+        self.started = started
+
+    def finish(self):
+        if self.wrk is not None:
+            out = self.wrk.communicate()[0]
+            self.rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        else:
+            for thread in self.threads:
+                thread.join()
+            self.rate = sum(self.done) / (time.monotonic() - self.started)
 
 
 class Window:
-    """The worker's CPU seconds and the requests it sent upstream while a
-    profiler ran."""
+    """The worker's CPU seconds while a profiler ran, and per request at the
+    load's rate."""
 
-    def __init__(self, worker, stub):
-        self.worker, self.stub = worker, stub
+    def __init__(self, worker):
+        self.worker = worker
 
     def __enter__(self):
-        run.get_json(self.stub.url + "/_stub/received?clear=1")
         self.cpu = run.cpu_seconds([self.worker])
         self.started = time.monotonic()
         return self
@@ -104,12 +126,11 @@ class Window:
     def __exit__(self, *exc):
         self.cpu = run.cpu_seconds([self.worker]) - self.cpu
         self.wall = time.monotonic() - self.started
-        # one per request, plus a /v1 keep_alive load call now and then
-        self.requests = len(run.get_json(self.stub.url + "/_stub/received"))
 
-    def describe(self):
-        return "%.2f s CPU in %.1f s (%.0f%% of a core), %d upstream requests: %.3f ms CPU per request" % (
-            self.cpu, self.wall, 100 * self.cpu / self.wall, self.requests, 1000 * self.cpu / max(self.requests, 1))
+    def describe(self, rate):
+        requests = rate * self.wall
+        return "%.2f s CPU in %.1f s (%.0f%% of a core) at %.0f requests/s: %.3f ms CPU per request" % (
+            self.cpu, self.wall, 100 * self.cpu / self.wall, rate, 1000 * self.cpu / max(requests, 1))
 
 
 def parse_collapsed(path):
@@ -164,20 +185,65 @@ def python_report(stacks, seconds_per_sample, cpu, top):
               for name, c in [(n, c) for n, c in under.most_common() if not PLUMBING.match(n)][:top * 3]]
     lines += ["", "Self time by module, % of the worker's CPU time:", "", "| % | module |", "| ---: | --- |"]
     lines += ["| %.1f | %s |" % (pct(c), area) for area, c in areas.most_common() if pct(c) >= 0.5]
+    lines += ["", "By the app's own call path (its first %d frames from %s, everything below them included), "
+              "%% of the worker's CPU time:" % (APP_DEPTH, "/".join(APP_FILES)), "",
+              "| % | call path |", "| ---: | --- |"]
+    lines += ["| %.1f | %s |" % (pct(c), path) for path, c in by_app_path(stacks).most_common() if pct(c) >= 0.5]
     return lines
+
+
+APP_FILES = ("gateway.py", "status.py", "empty_app.py")
+APP_DEPTH = 4
+
+
+def by_app_path(stacks):
+    """Samples by the chain of the app's own frames they run under (the
+    first APP_DEPTH of them): what each step of a request costs, whatever
+    the functions are called after a refactor. Samples with no app frame
+    are gunicorn's and the standard library's alone."""
+    paths = collections.Counter()
+    for frames, count in stacks:
+        own = [name_of(frame)[0].split(" (")[0] for frame in frames
+               if os.path.basename(name_of(frame)[1]) in APP_FILES]
+        paths[" › ".join(own[:APP_DEPTH]) if own else "(no app frame: gunicorn, threads, the poller)"] += count
+    return paths
 
 
 def perf_report(data, top):
     def report(sort):
-        out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", sort, "-q",
-                              "--percent-limit", "0.5"], capture_output=True, text=True).stdout
-        return [line.split(None, 1) for line in out.splitlines() if line.strip()]
+        out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "-g", "none", "--sort", sort,
+                              "-q", "--percent-limit", "0.5"], capture_output=True, text=True).stdout
+        return [line.split(None, 1) for line in out.splitlines() if re.match(r"\s*[\d.]+%\s", line)]
 
     lines = ["On-CPU samples by shared object (perf, cpu-clock), % of the worker's CPU time:", "",
              "| % | shared object |", "| ---: | --- |"]
     lines += ["| %s | %s |" % (pct.rstrip("%"), rest.strip()) for pct, rest in report("dso")]
     lines += ["", "Top symbols:", "", "| % | shared object, symbol |", "| ---: | --- |"]
     lines += ["| %s | `%s` |" % (pct.rstrip("%"), " ".join(rest.split())) for pct, rest in report("dso,sym")[:top * 2]]
+    return lines
+
+
+SYSCALL = re.compile(r"\b__(?:x64|ia32)_sys_(\w+)")
+
+
+def kernel_by_syscall(data):
+    """% of the on-CPU samples in the kernel, by the system call they were
+    made in (from perf's call chains); kernel time outside any system call
+    is the scheduler and interrupts on the way back to user space."""
+    out = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym,dso"], capture_output=True, text=True).stdout
+    counts, total = collections.Counter(), 0
+    for sample in out.split("\n\n"):
+        frames = [line.strip() for line in sample.strip().splitlines()]
+        if not frames:
+            continue
+        total += 1
+        if "[kernel.kallsyms]" not in frames[0]:
+            continue
+        match = next((SYSCALL.search(frame) for frame in frames if SYSCALL.search(frame)), None)
+        counts[match.group(1) if match else "(not in a system call: preemption, interrupts)"] += 1
+    lines = ["Kernel time by system call (perf call chains), % of the worker's CPU time:", "",
+             "| % | system call |", "| ---: | --- |"]
+    lines += ["| %.1f | %s |" % (100 * c / total, name) for name, c in counts.most_common() if 100 * c / total >= 0.3]
     return lines
 
 
@@ -207,49 +273,49 @@ def main():
         target = run.start_gunicorn(procs, "edgegate", ["--pythonpath", "bench", args.app], stub.url, WORKERS="1")
         worker = run.descendants(target.process.pid)[1]
         run.sequential_latency(target, 200, args.path)  # warm up: connections, load-call cache, store
-        load_seconds = 2 * args.seconds + 8
-        if shutil.which("wrk"):
-            script = os.path.join(procs.tmp, "wrk.lua")
-            with open(script, "w") as f:
-                f.write(run.WRK_SCRIPT % ("POST", run.SMALL_CHAT.decode(), ""))
-            load = subprocess.Popen(["wrk", "-t2", "-c%d" % args.concurrency, "-d%ds" % load_seconds, "-s", script,
-                                     target.url + args.path], stdout=subprocess.DEVNULL)
-            how = "wrk -t2 -c%d" % args.concurrency
-        else:
-            load = python_load(target, args.path, load_seconds, args.concurrency)
-            how = "%d Python client threads" % args.concurrency
-        time.sleep(2)  # the load has settled
 
-        with Window(worker, stub) as spy_window:
-            spy = subprocess.run([py_spy, "record", "-p", str(worker), "-d", str(args.seconds), "-r", str(args.rate),
-                                  "--gil", "--nonblocking", "-f", "raw", "-F", "-o", stacks_file],
-                                 capture_output=True, text=True)
-        if spy.returncode != 0:
-            raise SystemExit("py-spy failed:\n" + spy.stderr[-2000:])
+        def loaded(profile):
+            """Run ``profile`` in a window under the load; (window, load)."""
+            load = Load(target, args.path, args.seconds + 4, args.concurrency, procs.tmp)
+            time.sleep(2)  # the load has settled
+            with Window(worker) as window:
+                profile()
+            load.finish()
+            return window, load
+
+        def py_spy_record():
+            done = subprocess.run([py_spy, "record", "-p", str(worker), "-d", str(args.seconds), "-r", str(args.rate),
+                                   "--gil", "--nonblocking", "-f", "raw", "-F", "-o", stacks_file],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit("py-spy failed:\n" + done.stderr[-2000:])
+
+        def perf_record():
+            done = subprocess.run([perf, "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", str(worker),
+                                   "-o", perf_file, "--", "sleep", str(args.seconds)], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError("perf failed:\n" + done.stderr[-1000:])
+
+        spy_window, load = loaded(py_spy_record)
         perf_window = None
         if perf:
-            with Window(worker, stub) as perf_window:
-                recorded = subprocess.run([perf, "record", "-e", "cpu-clock", "-F", "999", "-p", str(worker),
-                                           "-o", perf_file, "--", "sleep", str(args.seconds)],
-                                          capture_output=True, text=True)
-            if recorded.returncode != 0:
-                print("perf failed, its window left out:\n" + recorded.stderr[-1000:], file=sys.stderr)
-                perf_window = None
-        if isinstance(load, subprocess.Popen):
-            load.terminate()
-            load.wait()
-        else:
-            for thread in load:
-                thread.join()
+            try:
+                perf_window, perf_load = loaded(perf_record)
+            except RuntimeError as failure:
+                print("%s\nits window is left out" % failure, file=sys.stderr)
 
         version = subprocess.run([py_spy, "--version"], capture_output=True, text=True).stdout.strip()
-        print("%s, one worker (THREADS=64), POST %s under %s; %s\n" % (args.app, args.path, how, run.machine()))
+        print("%s, one worker (THREADS=64), POST %s under %s; %s; edgegate at %s\n" % (
+            args.app, args.path, load.how, run.machine(), run.checkout()))
         print("%s (--gil --nonblocking) at %d Hz for %d s: %s\n" % (version, args.rate, args.seconds,
-                                                                    spy_window.describe()))
+                                                                    spy_window.describe(load.rate)))
         print("\n".join(python_report(parse_collapsed(stacks_file), 1 / args.rate, spy_window.cpu, args.top)))
         if perf_window:
-            print("\nperf record -e cpu-clock -F 999 for %d s: %s\n" % (args.seconds, perf_window.describe()))
+            print("\nperf record -e cpu-clock -F 999 -g for %d s: %s\n" % (args.seconds,
+                                                                          perf_window.describe(perf_load.rate)))
             print("\n".join(perf_report(perf_file, args.top)))
+            print()
+            print("\n".join(kernel_by_syscall(perf_file)))
     finally:
         procs.stop_all()
 

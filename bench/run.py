@@ -638,6 +638,19 @@ def machine():
                                                              platform.python_version(), gunicorn.__version__)
 
 
+def checkout():
+    """The commit of the edgegate under test, "+changes" when gateway.py or
+    status.py differ from it (gunicorn imports them from this checkout)."""
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "gateway.py", "status.py"],
+                                 capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "(not a git checkout)"
+    return commit + (" +changes" if changed else "")
+
+
 def interleaved(targets, rounds, measure):
     """{target name: [one result per round]}, the target order shuffled every round."""
     results = {name: [] for name in targets}
@@ -715,7 +728,7 @@ def main():
         phases.append((name, round(time.monotonic() - started_at, 1)))
 
     procs = Processes()
-    results = {"machine": machine(), "quick": quick, "load_average_start": os.getloadavg()}
+    results = {"machine": machine(), "edgegate": checkout(), "quick": quick, "load_average_start": os.getloadavg()}
     table = []
     try:
         stub = start_stub(procs)
@@ -916,7 +929,7 @@ def main():
     results["seconds"] = round(time.monotonic() - started_at)
     results["phases_s"] = phases
     results["load_average_end"] = os.getloadavg()
-    print("Machine: %s\n" % results["machine"])
+    print("Machine: %s; edgegate at %s\n" % (results["machine"], results["edgegate"]))
     print("\n".join(summary_table(results["summary"], results["targets"])))
     print("\nAdded latency: a small non-streamed POST %s, one after another, minus the same straight to the stub;"
           " for the empty app, which has no upstream, its whole round trip. (N×): the figure divided by the empty"
