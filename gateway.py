@@ -757,7 +757,8 @@ def wait_in_line(gateway, exchange, holder):
         exchange.call.attach(ticket)  # a hang-up or DELETE shuts the ticket's socket (UpstreamCall.abort): we wake
         if exchange.stream and exchange.path.startswith("/v1/"):
             stream = QueuedStream(exchange)
-        exchange.task.set(key=key)
+        if key is not None:
+            exchange.task.set(key=key)
         return wait_turn(slots, ticket, holder, joined + config.slot_wait_s,
                          moved=lambda position: _moved_up(exchange, stream, position),
                          stopped=lambda: exchange.call.reason is not None)
@@ -766,11 +767,13 @@ def wait_in_line(gateway, exchange, holder):
     finally:
         slots.line.leave(ticket)
         gateway.metrics.observe("queue_wait", time.monotonic() - joined)
+        with exchange.task.lock:  # out of the line: the document is again the one its consumers know
+            exchange.task.extensions.pop("queue_position", None)
 
 
 def _moved_up(exchange, stream, position):
-    if exchange.task.extensions.get("queue_position") != position:
-        exchange.task.set(queue_position=position or None)
+    if position and exchange.task.extensions.get("queue_position") != position:
+        exchange.task.set(queue_position=position)
     if stream is not None and position:
         stream.tell(position)
 
