@@ -18,13 +18,14 @@ the contract; this file reads top to bottom in the order a request meets it:
      9. the gateway's routes  /tasks, /slots, /readyz, /metrics
     10. metrics
     11. the cloud route       ``openai/<model>``, behind one seam (``Forward``)
-    12. entry points          ``app`` and ``python -m gateway check``
+    12. entry points          ``app``, ``python -m gateway check`` and ``hold``
 
 The two questions an auditor asks -- is the GPU slot always freed, and does
 every task end with a final state? -- are answered in one place:
 ``Exchange.close``, which every request goes through exactly once.
 """
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -34,11 +35,15 @@ import http.client
 import io
 import json
 import logging
+import math
 import os
 import queue
 import re
+import select
 import selectors
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -218,6 +223,7 @@ class Config:
     gpu_slots: int
     gpu_lock_dir: str
     slot_wait_s: float
+    queue_max: int
     retry_after_s: int
     keep_alive_default: str
     default_model: str
@@ -265,6 +271,7 @@ class Config:
             gpu_slots=_number(env, "GPU_SLOTS", 1, int, 1, 1024),
             gpu_lock_dir=_directory(env, "GPU_LOCK_DIR", os.path.join(state_dir, "locks")),
             slot_wait_s=_number(env, "SLOT_WAIT_S", 0.0, float, 0),
+            queue_max=_number(env, "QUEUE_MAX", 16, int, 0),  # waiters in the GPU line (with SLOT_WAIT_S)
             retry_after_s=_number(env, "RETRY_AFTER_S", 2, int, 0),
             keep_alive_default=_keep_alive_default(env),
             default_model=_text(env, "DEFAULT_MODEL"),
@@ -723,25 +730,90 @@ def adjust_body(path, document, config):
 
 
 def take_slot(gateway, exchange):
-    """Hold a GPU slot for the rest of the exchange (freed by its ending),
-    waiting up to SLOT_WAIT_S; 503 ``gpu_busy`` when none comes. A client
-    that leaves, or a DELETE, while the request waits ends the wait."""
+    """Hold a GPU slot for the rest of the exchange (freed by its ending).
+    With SLOT_WAIT_S = 0 the slot is free now or the answer is 503
+    ``gpu_busy``; above 0 the request waits its turn in the line shared by
+    every worker (``wait_in_line``), at most SLOT_WAIT_S. A client that
+    leaves, or a DELETE, while the request waits ends the wait."""
     holder = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
               "since": round(time.time(), 3)}
     slots, wait_s = gateway.slots, gateway.config.slot_wait_s
-    exchange.slot = slots.try_take(holder)
-    if exchange.slot is None and wait_s > 0:
-        exchange.slot = slots.take(holder, wait_s, lambda: exchange.call.reason is not None)
+    if wait_s > 0:
+        exchange.slot = wait_in_line(gateway, exchange, holder)
+    else:
+        exchange.slot = slots.try_take(holder)
     if exchange.slot is not None:
         exchange.slot_taken_at = time.monotonic()
     if exchange.call.reason:  # cancelled while waiting, maybe just as the slot came: the ending frees it
         raise exchange.abort_error()
     if exchange.slot is None:
         gateway.metrics.count("gpu_busy")
+        gateway.metrics.count("gpu_refusals", "busy")
         raise GatewayError(503, "gpu_busy", busy_message(slots), headers=gateway.retry_after, stage="gpu_busy")
     waited = exchange.slot_taken_at - exchange.started
     gateway.metrics.observe("slot_wait", waited)
     exchange.slot_wait_ms = "%.1f" % (waited * 1000)
+
+
+def wait_in_line(gateway, exchange, holder):
+    """The slot at once when nobody waits and one is free; else a place at
+    the end of the line until this request's turn comes (a slot, returned),
+    SLOT_WAIT_S runs out, or the client leaves or a DELETE comes (None).
+    QUEUE_MAX waiters already: 503 ``gpu_busy`` at once, saying so."""
+    config, slots = gateway.config, gateway.slots
+    key = exchange.key.name if exchange.key else None  # its name (README, "Keys and their tasks"), never the key
+    place = dict(holder, model=exchange.model, key=key)
+    try:
+        slot, ticket = slots.line.join(place, holder, slots, bound=config.queue_max)
+    except QueueFull as full:
+        gateway.metrics.count("gpu_busy")
+        gateway.metrics.count("gpu_refusals", "queue_full")
+        retry_after = slots.retry_after(full.waiting, config.retry_after_s)
+        raise GatewayError(503, "gpu_busy", "GPU queue full: %d requests waiting (QUEUE_MAX); %s"
+                           % (full.waiting, busy_message(slots)), headers=[("Retry-After", str(retry_after))],
+                           stage="gpu_busy")
+    if slot is not None:
+        return slot
+    joined = time.monotonic()
+    stream = None
+    try:
+        exchange.call.attach(ticket)  # a hang-up or DELETE shuts the ticket's socket (UpstreamCall.abort): we wake
+        if exchange.stream and exchange.path.startswith("/v1/"):
+            stream = QueuedStream(exchange)
+        return wait_turn(slots, ticket, holder, joined + config.slot_wait_s,
+                         moved=lambda position: _moved_up(exchange, stream, position),
+                         stopped=lambda: exchange.call.reason is not None)
+    except ConnectionAbortedError:  # the client left before the wait began
+        return None
+    finally:
+        slots.line.leave(ticket)
+        gateway.metrics.observe("queue_wait", time.monotonic() - joined)
+        with exchange.task.lock:  # out of the line: the document is again the one its consumers know
+            exchange.task.extensions.pop("queue_position", None)
+
+
+def _moved_up(exchange, stream, position):
+    if position and exchange.task.extensions.get("queue_position") != position:
+        exchange.task.set(queue_position=position)
+    if stream is not None and position:
+        stream.tell(position)
+
+
+def wait_turn(slots, ticket, holder, deadline, moved, stopped):
+    """Wait in line with ``ticket`` until its turn gives it a slot (returned),
+    ``deadline`` (time.monotonic(); None: no limit) passes or ``stopped()``
+    (None). ``moved(position)`` hears its place (1 = next; 0 = served) after
+    each look. Sleeps on the ticket's socket: a wake, a shutdown, or FALLBACK_S."""
+    while not stopped():
+        slot, position = slots.line.turn(ticket, holder, slots)
+        moved(position)
+        if slot is not None:
+            return slot
+        left = SlotLine.FALLBACK_S if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ticket.wait(min(left, SlotLine.FALLBACK_S))
+    return None
 
 
 def busy_message(slots):
@@ -755,15 +827,53 @@ def busy_message(slots):
     return "GPU slot busy (held by %s%s)" % (who, age)
 
 
+class QueuedStream:
+    """A streamed ``/v1`` request that waits in line: its SSE answer starts
+    now (200, ``text/event-stream``), so that the client sees ``: queued,
+    position N`` comments while it waits -- at each move, and every
+    HEARTBEAT_SEC, which also keeps load balancers from cutting it. Its
+    headers are then gone: ``Exchange.start`` sends no others, and an error
+    that follows (SLOT_WAIT_S out, upstream failed) is the stream's last
+    event (``Exchange.answer``). NDJSON streams get nothing: Ollama's
+    clients parse every line."""
+
+    def __init__(self, exchange):
+        self.exchange = exchange
+        self.write = exchange.start(200, None, [("Content-Type", "text/event-stream"),
+                                                ("Cache-Control", "no-cache")])
+        exchange.answer_started = True
+        self.every = exchange.gateway.config.heartbeat_sec
+        self.told, self.told_at = None, 0.0
+
+    def tell(self, position):
+        now = time.monotonic()
+        if position == self.told and now - self.told_at < self.every:
+            return
+        self.told, self.told_at = position, now
+        try:  # PEP 3333's write(): gunicorn sends the headers (the first time), then this, now
+            self.write((": queued, position %d\n\n" % position).encode())
+        except OSError:
+            self.exchange.call.abort("client_gone")
+
+
+def queued_stream_event(document):
+    """An error document as the last event of a stream whose 200 went out while it queued."""
+    event = b"event: error\n" if document.get("type") == "error" else b""  # Anthropic names its events
+    return event + b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
 class Slot:
     """One held GPU slot: an open lock file with an exclusive flock on it."""
 
-    def __init__(self, index, fd):
+    def __init__(self, index, fd, on_release=None):
         self.index = index
         self.fd = fd
+        self.taken_at = time.monotonic()
+        self.on_release = on_release
 
     def release(self):
-        """Blank the holder record, then close: closing drops the lock."""
+        """Blank the holder record, then close: closing drops the lock. Then
+        the line hears of it (``GpuSlots._released``)."""
         fd, self.fd = self.fd, None
         if fd is None:
             return
@@ -771,10 +881,13 @@ class Slot:
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)
+            if self.on_release is not None:
+                self.on_release(self)
 
 
 class GpuSlots:
-    """``GPU_SLOTS`` lock files, ``slot-<n>.lock`` in ``GPU_LOCK_DIR``.
+    """``GPU_SLOTS`` lock files, ``slot-<n>.lock`` in ``GPU_LOCK_DIR``, and
+    the line of those who wait for one (``SlotLine``).
 
     Why flock and not a Redis lock: the kernel drops a flock when its holder
     dies, even on SIGKILL, so a crashed worker can never wedge the GPU, and
@@ -784,10 +897,10 @@ class GpuSlots:
     descriptor shared across fork or threads would exclude nothing.
     """
 
-    POLL_S = 0.02  # how often a waiter retries while SLOT_WAIT_S runs
-
     def __init__(self, lock_dir, count):
         self.paths = [os.path.join(lock_dir, "slot-%d.lock" % n) for n in range(count)]
+        self.line = SlotLine(lock_dir)
+        self.holds = collections.deque(maxlen=32)  # this process's recent hold times, for Retry-After
 
     def try_take(self, holder):
         for index, path in enumerate(self.paths):
@@ -802,17 +915,23 @@ class GpuSlots:
                 raise
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(holder).encode(), 0)
-            return Slot(index, fd)
+            return Slot(index, fd, self._released)
         return None
 
-    def take(self, holder, wait_s, stopped):
-        """A slot, waiting up to ``wait_s``; None when none came or ``stopped()``."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            slot = self.try_take(holder)
-            if slot or time.monotonic() >= deadline or stopped():
-                return slot
-            time.sleep(self.POLL_S)
+    def _released(self, slot):
+        self.holds.append(time.monotonic() - slot.taken_at)
+        try:
+            self.line.wake_all()
+        except OSError:  # a wake that fails costs a waiter FALLBACK_S, never the ending
+            log.exception("could not wake the GPU queue")
+
+    def retry_after(self, waiting, floor):
+        """Seconds until a place may open: the holders' and ``waiting``
+        waiters' turns at this process's recent hold time, never below ``floor``."""
+        if not self.holds:
+            return floor
+        mean = sum(self.holds) / len(self.holds)
+        return max(floor, math.ceil((waiting + 1) * mean / len(self.paths)))
 
     def describe(self):
         """Each slot, free or held, read without touching the locks.
@@ -844,6 +963,259 @@ class GpuSlots:
                 entry.update({k: record[k] for k in ("pid", "task_id", "path", "since") if k in record})
             slots.append(entry)
         return slots
+
+
+class QueueFull(Exception):
+    """QUEUE_MAX waiters are in line already."""
+
+    def __init__(self, waiting):
+        super().__init__("%d waiting" % waiting)
+        self.waiting = waiting
+
+
+class SlotLine:
+    """The line of those waiting for a GPU slot, shared by every worker
+    process and by ``python -m gateway hold``: files in GPU_LOCK_DIR/queue,
+    beside the slots, so that it needs nothing the slots do not (no Redis).
+
+    - A waiter's ticket is ``<n>.ticket`` (n: CLOCK_MONOTONIC nanoseconds at
+      arrival, taken under ``queue.lock``: one clock for every process of
+      the box), JSON saying who waits, and the waiter holds an flock on it
+      for as long as it waits. A ticket whose lock can be taken is dead (its
+      waiter was killed, even by SIGKILL) and is removed: nothing dead ever
+      blocks the line.
+    - No polling: each waiter sleeps on its own unix datagram socket
+      ``<n>.sock``. Whoever changes the line -- a slot freed, a waiter served
+      or gone -- sends each waiter one datagram (``wake_all``); each then
+      takes ``queue.lock`` and looks whether it is first (``turn``). Order
+      and the try for the slot happen under that lock, so two waiters never
+      both take the turn.
+    - The slow fallback: a program holding the slot with flock(1), or a
+      worker killed while holding it, sends nothing when the lock goes, and
+      a waiter killed in line cannot either. So each waiter also looks every
+      FALLBACK_S on its own; such a hand-over takes up to that long.
+    - Fair between keys (``line_order``): ``served.json`` keeps when each
+      key last got its turn.
+
+    Every waiter wakes on every change, so positions stay current at once;
+    the cost grows with the square of the line, which QUEUE_MAX keeps short.
+    """
+
+    FALLBACK_S = 0.5
+
+    def __init__(self, lock_dir):
+        self.dir = os.path.join(lock_dir, "queue")
+        self.lock_path = os.path.join(self.dir, "queue.lock")
+        self.served_path = os.path.join(self.dir, "served.json")
+
+    @contextlib.contextmanager
+    def _locked(self):
+        os.makedirs(self.dir, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def join(self, place, holder, slots, bound=None):
+        """(slot, None) when nobody waits and a slot is free, else (None, a
+        new Ticket) at the end of the line. QueueFull with ``bound`` waiting."""
+        with self._locked():
+            waiting = self._live()
+            if not waiting:
+                slot = slots.try_take(holder)
+                if slot is not None:
+                    return slot, None
+            if bound is not None and len(waiting) >= bound:
+                raise QueueFull(len(waiting))
+            return None, Ticket.issue(self.dir, place)
+
+    def turn(self, ticket, holder, slots):
+        """(slot, 0) when it is ``ticket``'s turn and a slot is free (the
+        ticket leaves the line); else (None, its position, 1 = next)."""
+        with self._locked():
+            order = [name for name, _ in line_order(self._live(), self._served())]
+            position = order.index(ticket.name) + 1 if ticket.name in order else 1
+            if position > 1:
+                return None, position
+            slot = slots.try_take(holder)
+            if slot is None:
+                return None, position
+            self._mark_served(ticket.place.get("key"))
+            ticket.tear_down()
+        self.wake_all()  # the next one may find another slot free; everyone moves up
+        return slot, 0
+
+    def leave(self, ticket):
+        """The ticket leaves the line (served, timed out, or its client
+        left); those behind it move up."""
+        if ticket is None:
+            return
+        if not ticket.gone:
+            with self._locked():
+                ticket.tear_down()
+            self.wake_all()
+        ticket.close()
+
+    def wake_all(self):
+        """One datagram to every waiter: look at the line again."""
+        try:
+            names = [n for n in os.listdir(self.dir) if n.endswith(".sock")]
+        except FileNotFoundError:
+            return
+        if not names:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
+            out.setblocking(False)
+            for name in names:
+                try:
+                    out.sendto(b"!", os.path.join(self.dir, name))
+                except OSError:  # dead (reaped soon), or its buffer full of wakes already
+                    pass
+
+    def describe(self):
+        """The waiters in the order they will be served, for /slots and /metrics."""
+        try:
+            waiting = self._live(reap=False)
+        except FileNotFoundError:
+            return []
+        return [{"position": n + 1, "task_id": place.get("task_id"), "path": place.get("path"),
+                 "model": place.get("model"), "since": place.get("since"), "key": place.get("key"),
+                 "pid": place.get("pid")}
+                for n, (_, place) in enumerate(line_order(waiting, self._served()))]
+
+    def _live(self, reap=True):
+        """[(name, place)] of the live tickets, in arrival order; dead ones
+        removed (under the lock only)."""
+        live = []
+        for entry in sorted(os.listdir(self.dir)):
+            if not entry.endswith(".ticket"):
+                continue
+            name = entry[:-len(".ticket")]
+            try:
+                fd = os.open(os.path.join(self.dir, entry), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # its waiter holds it: alive
+                try:
+                    live.append((name, json.loads(os.pread(fd, 65536, 0) or b"{}")))
+                except ValueError:
+                    live.append((name, {}))
+                continue
+            finally:
+                os.close(fd)
+            if reap:
+                _unlink(os.path.join(self.dir, name + ".ticket"), os.path.join(self.dir, name + ".sock"))
+        return live
+
+    def _served(self):
+        try:
+            with open(self.served_path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _mark_served(self, key):
+        now = time.time()
+        served = {k: t for k, t in self._served().items() if now - t < 3600}  # older is as good as never
+        served[key or ""] = now
+        temporary = self.served_path + ".new"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(served, f)
+        os.replace(temporary, self.served_path)
+
+
+def line_order(waiting, served):
+    """``waiting`` ([(name, place)], in arrival order) in the order the
+    line serves it: the next turn goes to the waiting key served least
+    recently (``served``: key -> time of its last turn), and within a key
+    to the first arrived. So one key's backlog of 50 keeps another key's
+    one request waiting behind one of them, not fifty. Without keys
+    (all None) this is arrival order."""
+    by_key = {}
+    for name, place in waiting:
+        by_key.setdefault(place.get("key") or "", collections.deque()).append((name, place))
+    last = {key: served.get(key, 0.0) for key in by_key}
+    order, turn = [], 0
+    while by_key:
+        key = min(by_key, key=lambda k: (last[k], by_key[k][0][0]))
+        order.append(by_key[key].popleft())
+        if not by_key[key]:
+            del by_key[key]
+        turn += 1
+        last[key] = 1e18 + turn  # as if served after everyone now waiting
+    return order
+
+
+class Ticket:
+    """One waiter's place in the line (see ``SlotLine``): its ticket file,
+    flocked for as long as it waits, and the datagram socket it sleeps on.
+    ``sock`` is what ``UpstreamCall.abort`` shuts down on a hang-up or a
+    DELETE while the request waits: the sleep ends at once."""
+
+    def __init__(self, directory, name, place, fd, sock):
+        self.base = os.path.join(directory, name)
+        self.name = name
+        self.place = place
+        self.fd = fd
+        self.sock = sock
+        self.gone = False  # its files are removed: it is out of the line
+
+    @classmethod
+    def issue(cls, directory, place):
+        """A new ticket, complete before it is seen: written under another
+        name, then renamed (the flock stays with the file)."""
+        name = "%020d" % time.monotonic_ns()
+        base = os.path.join(directory, name)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        fd = None
+        try:
+            sock.bind(base + ".sock")
+            fd = os.open(base + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, json.dumps(place).encode())
+            os.rename(base + ".new", base + ".ticket")
+        except BaseException:
+            sock.close()
+            if fd is not None:
+                os.close(fd)
+            _unlink(base + ".sock", base + ".new")
+            raise
+        return cls(directory, name, place, fd, sock)
+
+    def wait(self, timeout):
+        """Sleep until a wake, a shutdown of ``sock``, or ``timeout``."""
+        readable, _, _ = select.select([self.sock], [], [], timeout)
+        if readable:
+            self.sock.setblocking(False)
+            try:
+                while self.sock.recv(16):  # the wakes that came meanwhile
+                    pass
+            except OSError:
+                pass
+
+    def tear_down(self):
+        """Out of the line (under the line's lock)."""
+        if not self.gone:
+            self.gone = True
+            _unlink(self.base + ".ticket", self.base + ".sock")
+
+    def close(self):
+        self.sock.close()
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _unlink(*paths):
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _flock_holders():
@@ -1744,6 +2116,8 @@ class Exchange:
         self.bytes_out = 0
         self.cors_origin = None  # the request's Origin, when CORS_ORIGINS allows it
         self.key = None  # the ApiKey the request came with (keys on)
+        self.answer_started = False  # a queued SSE stream's 200 went out while it waited (QueuedStream)
+        self._write = None
         self.closed = False
         self._close_lock = threading.Lock()
 
@@ -1787,7 +2161,10 @@ class Exchange:
     # -- answering
 
     def start(self, status_code, reason, headers, exc_info=None):
-        """Start the answer. It is counted now, so that /metrics shows a long stream that has begun."""
+        """Start the answer. It is counted now, so that /metrics shows a long stream that has begun.
+        Returns PEP 3333's ``write``; once a queued stream has started, nothing more."""
+        if self.answer_started:
+            return self._write
         self.status_code = status_code
         self.gateway.metrics.request(self.path, status_code, self.key)
         if self.task_id:
@@ -1795,14 +2172,17 @@ class Exchange:
         if self.cors_origin:
             headers = list(headers) + [("Access-Control-Allow-Origin", self.cors_origin), ("Vary", "Origin"),
                                        ("Access-Control-Expose-Headers", "X-Task-Id, Retry-After")]
-        self._start_response("%d %s" % (status_code, reason or REASONS.get(status_code, "Unknown")), headers,
-                             exc_info)
+        self._write = self._start_response("%d %s" % (status_code, reason or REASONS.get(status_code, "Unknown")),
+                                           headers, exc_info)
+        return self._write
 
     def answer(self, status_code, document, headers=(), outcome=None, exc_info=None,
                content_type="application/json"):
         """An answer of the gateway's own (a JSON document, or bytes of
         ``content_type``); the exchange ends before gunicorn sends it."""
         body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        if self.answer_started and isinstance(document, dict):  # its 200 went out while it queued
+            body = queued_stream_event(document)
         self.start(status_code, None, [("Content-Type", content_type),
                                        ("Content-Length", str(len(body)))] + list(headers), exc_info)
         self.bytes_out = len(body)
@@ -1892,7 +2272,7 @@ def own_route(gateway, exchange):
     if path == "/readyz":
         return readyz(gateway, exchange)
     if path == "/slots" and method == "GET":
-        return exchange.answer(200, {"slots": gateway.slots.describe()})
+        return exchange.answer(200, {"slots": gateway.slots.describe(), "queue": gateway.slots.line.describe()})
     if path == "/tasks/status" and method == "GET":
         return list_tasks(gateway, exchange)
     if path.startswith("/tasks/status/") and method == "GET":
@@ -2034,6 +2414,11 @@ class Metrics:
         self.store_errors = prom.Counter("edgegate_store_errors_total", "Failed task store calls", **own)
         self.load_calls = prom.Counter("edgegate_keep_alive_load_calls_total",
                                        "keep_alive load calls sent before /v1 requests", **own)
+        self.queue_wait = prom.Histogram("edgegate_queue_wait_seconds", "Time spent waiting in the GPU line",
+                                         buckets=seconds, **own)
+        self.gpu_refusals = prom.Counter("edgegate_gpu_refusals_total",
+                                         "Inference requests refused for the GPU, by reason (busy, queue_full)",
+                                         ["reason"], **own)
         self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
                                        multiprocess_mode="livesum", **own)
         self.enabled = True
@@ -2066,7 +2451,9 @@ class Metrics:
         slots = self.GaugeMetricFamily("edgegate_gpu_slots", "GPU slots by state", labels=["state"])
         slots.add_metric(["held"], held)
         slots.add_metric(["free"], len(self.slots.paths) - held)
-        registry.register(_Fixed([slots]))
+        waiting = self.GaugeMetricFamily("edgegate_queue_length", "Waiters in the GPU line now (all workers, "
+                                         "and python -m gateway hold)", value=len(self.slots.line.describe()))
+        registry.register(_Fixed([slots, waiting]))
         return self.prom.generate_latest(registry)
 
 
@@ -2329,8 +2716,159 @@ def check(gateway, out=sys.stdout):
     return 0 if ok else 1
 
 
+class Hold:
+    """``python -m gateway hold [--wait SECONDS] -- COMMAND ARGS...``: give
+    the GPU to another program, safely (README, "Sharing the GPU slot").
+
+    It joins the same line as the gateway's requests, takes the slot, has
+    Ollama unload every loaded model (``keep_alive`` 0 for each model
+    ``/api/ps`` lists, then until ``/api/ps`` is empty or UNLOAD_TIMEOUT_S),
+    runs the command with the slot held, lets go when it exits, and exits
+    with its exit status. The slot is an flock, so a ``kill -9`` of this
+    process frees it too; the command does not inherit it (O_CLOEXEC). It is
+    a task (path ``hold``, the command's name as model) like any request:
+    /slots and /tasks/status show it, and DELETE /tasks/<id> ends it.
+    Exit status 75 (EX_TEMPFAIL) when the slot did not come within --wait.
+    """
+
+    UNLOAD_TIMEOUT_S = 30.0
+    BUSY_EXIT = 75
+
+    def __init__(self, gateway, command, wait_s=None):
+        self.gateway, self.command, self.wait_s = gateway, command, wait_s
+        config = gateway.config
+        self.board = status.TaskBoard(status.open_store(config))
+        self.task = status.Task(self.board, "hold-%d-%s" % (os.getpid(), uuid.uuid4().hex[:8]),
+                                config.algorithm_id, "HOLD", "hold")
+        self.task.extensions.update(model=os.path.basename(command[0]))
+        self.child = None
+        self.cancelled = False  # by DELETE /tasks/<id> while it waited
+        self.stop = threading.Event()
+
+    def run(self):
+        self.task.claim()
+        threading.Thread(target=self._heartbeat, name="edgegate-hold", daemon=True).start()
+        slot = None
+        try:
+            slot = self._take()
+            if slot is None:
+                why = "cancelled by DELETE" if self.cancelled else "no GPU slot within %s s" % self.wait_s
+                self.task.finish(FAILED, "cancelled" if self.cancelled else "gpu_busy", why)
+                print("edgegate hold: %s" % why, file=sys.stderr)
+                return self.BUSY_EXIT
+            self.task.set(RUNNING, "unloading", "asking Ollama to unload its models")
+            self._unload_models()
+            return self._run_command()
+        except SystemExit:  # a signal while it waited (``signalled``)
+            self.task.finish(FAILED, "cancelled", "stopped by a signal")
+            raise
+        finally:
+            self.stop.set()
+            if slot is not None:
+                slot.release()
+
+    def _take(self):
+        now = round(time.time(), 3)
+        holder = {"pid": os.getpid(), "task_id": self.task.task_id, "path": "hold", "since": now}
+        place = dict(holder, model=self.task.extensions["model"], key="hold")
+        line = self.gateway.slots.line
+        slot, ticket = line.join(place, holder, self.gateway.slots)
+        if slot is not None:
+            return slot
+        deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
+        try:
+            return wait_turn(self.gateway.slots, ticket, holder, deadline,
+                             moved=lambda position: self.task.set(queue_position=position or None),
+                             stopped=self.stop.is_set)
+        finally:
+            line.leave(ticket)
+
+    def _unload_models(self):
+        upstream, deadline = self.gateway.upstream, time.monotonic() + self.UNLOAD_TIMEOUT_S
+        try:
+            loaded = self._loaded()
+            for model in loaded:
+                body = json.dumps({"model": model, "keep_alive": 0}).encode()
+                upstream.send("POST", "/api/generate", {"Content-Type": "application/json"}, body).close()
+            while loaded and time.monotonic() < deadline:
+                time.sleep(0.1)
+                loaded = self._loaded()
+        except (requests.RequestException, ValueError) as error:
+            print("edgegate hold: could not ask Ollama to unload (%s); running the command anyway"
+                  % _short(error), file=sys.stderr)
+            return
+        if loaded:
+            print("edgegate hold: still loaded after %.0f s: %s; running the command anyway"
+                  % (self.UNLOAD_TIMEOUT_S, ", ".join(loaded)), file=sys.stderr)
+
+    def _loaded(self):
+        answer = self.gateway.upstream.send("GET", "/api/ps", {"User-Agent": "edgegate-hold"}, timeout=(2, 5))
+        return [m.get("name") or m.get("model") for m in answer.json().get("models", [])]
+
+    def _run_command(self):
+        self.task.set(RUNNING, "holding", "running %s with the GPU slot held" % printable(self.command[0]))
+        try:
+            self.child = subprocess.Popen(self.command)
+        except OSError as error:
+            self.task.finish(FAILED, "command_failed", "cannot run %s: %s" % (printable(self.command[0]),
+                                                                             error.strerror))
+            print("edgegate hold: cannot run %s: %s" % (self.command[0], error.strerror), file=sys.stderr)
+            return 127
+        code = self.child.wait()
+        code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+        if code == 0:
+            self.task.finish(SUCCESS, "completed", "the command exited with status 0")
+        else:
+            self.task.finish(FAILED, "command_failed", "the command exited with status %d" % code)
+        return code
+
+    def _heartbeat(self):
+        """The task's writes and heartbeat, as a worker's watcher does; and a
+        DELETE: it ends the wait, or sends the command SIGTERM."""
+        while not self.stop.wait(Watcher.TICK_S):
+            status.flush_tasks(self.board, [self.task], self.gateway.config.heartbeat_sec)
+            if self.task.task_id in self.board.call("cancels_among", [self.task.task_id], default=set()):
+                if self.child is None:
+                    self.cancelled = True
+                    self.stop.set()
+                elif self.child.poll() is None:
+                    self.child.terminate()
+
+    def signalled(self, signum, frame):
+        """SIGTERM, SIGINT, SIGHUP: passed to the command; while waiting, leave the line."""
+        if self.child is not None:
+            self.child.send_signal(signum)
+        else:
+            raise SystemExit(128 + signum)
+
+
+def hold_command(gateway, argv):
+    """Parse ``[--wait SECONDS] -- COMMAND ARGS...`` and run a Hold."""
+    wait_s = None
+    if argv[:1] == ["--wait"] and len(argv) > 1:
+        try:
+            wait_s = float(argv[1])
+        except ValueError:
+            wait_s = -1
+        if wait_s < 0:
+            print("edgegate hold: --wait expects seconds, got %r" % argv[1], file=sys.stderr)
+            return 2
+        argv = argv[2:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print("usage: python -m gateway hold [--wait SECONDS] -- COMMAND ARGS...", file=sys.stderr)
+        return 2
+    hold = Hold(gateway, argv, wait_s)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, hold.signalled)
+    return hold.run()
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["hold"]:
+        raise SystemExit(hold_command(app, sys.argv[2:]))
     if sys.argv[1:] != ["check"]:
-        print("usage: python -m gateway check", file=sys.stderr)
+        print("usage: python -m gateway check | hold [--wait SECONDS] -- COMMAND ARGS...", file=sys.stderr)
         raise SystemExit(2)
     raise SystemExit(check(app))
