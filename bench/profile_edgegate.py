@@ -270,7 +270,8 @@ def main():
     stacks_file, perf_file = os.path.join(keep, "py-spy-stacks.txt"), os.path.join(keep, "perf.data")
     try:
         stub = run.start_stub(procs)
-        target = run.start_gunicorn(procs, "edgegate", ["--pythonpath", "bench", args.app], stub.url, WORKERS="1")
+        target = run.start_gunicorn(procs, "edgegate", ["--pythonpath", "bench", args.app], stub.url,
+                                    gunicorn_access_log=args.app != "gateway:app", WORKERS="1")
         worker = run.descendants(target.process.pid)[1]
         run.sequential_latency(target, 200, args.path)  # warm up: connections, load-call cache, store
 

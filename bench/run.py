@@ -184,13 +184,17 @@ def gunicorn_env(procs, port, upstream, **env):
     return full_env
 
 
-def start_gunicorn(procs, name, app_args, upstream, **env):
+def start_gunicorn(procs, name, app_args, upstream, gunicorn_access_log=True, **env):
     """gunicorn with edgegate's own gunicorn.conf.py (so the settings are
-    the same whatever the app), its access log thrown away."""
+    the same whatever the app). Every target writes one access line per
+    request: gunicorn's (to /dev/null) for an app that has none of its own,
+    edgegate's own line (to the bench's log file) for edgegate, whose
+    gunicorn.conf.py turns gunicorn's off."""
     port = free_port()
     full_env = gunicorn_env(procs, port, upstream, **env)
-    process = procs.start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"] + app_args
-                          + ["--access-logfile", "/dev/null"], env=full_env)
+    access = ["--access-logfile", "/dev/null"] if gunicorn_access_log else []
+    process = procs.start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"] + app_args + access,
+                          env=full_env)
     url = "http://127.0.0.1:%d" % port
     wait_http(url + "/healthz", process=process)
     deadline = time.monotonic() + 15
@@ -200,7 +204,7 @@ def start_gunicorn(procs, name, app_args, upstream, **env):
 
 
 def start_edgegate(procs, upstream, name="edgegate", extra_pids=(), **env):
-    target = start_gunicorn(procs, name, ["gateway:app"], upstream, **env)
+    target = start_gunicorn(procs, name, ["gateway:app"], upstream, gunicorn_access_log=False, **env)
     target.extra_pids = list(extra_pids)
     return target
 
