@@ -28,6 +28,8 @@ every task end with a final state? -- are answered in one place:
 import collections
 import contextlib
 import dataclasses
+import email.parser
+import email.policy
 import fcntl
 import hashlib
 import hmac
@@ -469,7 +471,8 @@ def proxy(gateway, exchange):
         request, refusal = read_request(gateway.config, exchange), None
     except GatewayError as error:
         request, refusal = None, error
-    exchange.claim_task()  # from here on the exchange's ending writes the task's last state
+    if exchange.path != "/":  # "/" answers anyone (no key needed), so it writes nothing to the store
+        exchange.claim_task()  # from here on the exchange's ending writes the task's last state
     if refusal:
         raise refusal
     on_gpu = request.on_gpu
@@ -477,7 +480,7 @@ def proxy(gateway, exchange):
         take_slot(gateway, exchange)
     forward = cloud_forward(gateway, exchange, request) if request.to_cloud else ollama_forward(gateway, exchange,
                                                                                                 request)
-    exchange.task.set(RUNNING, "forwarding", "forwarded to %s" % forward.where)
+    exchange.note(RUNNING, "forwarding", "forwarded to %s" % forward.where)
     with upstream_call_of_this_thread(exchange.call):  # a hang-up or DELETE can cut these calls
         if on_gpu:
             give_model_its_lifetime(gateway, exchange, request)
@@ -524,8 +527,9 @@ MANAGEMENT_PATHS = frozenset({
 })
 MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys")
 # Ollama runs a model named like this on ollama.com, on the owner's account
-# (internal/modelref: a tag "cloud" or ending "-cloud").
-OLLAMA_CLOUD_MODEL_RE = re.compile(r"[-:]cloud$", re.IGNORECASE)
+# (internal/modelref, parseSourceSuffix: the text after the last ":",
+# trimmed, is "cloud" or ends in "-cloud"); a name ending "-cloud" is refused too.
+OLLAMA_CLOUD_MODEL_RE = re.compile(r"(?:[-:]\s*cloud|:[^:/]*-cloud)\s*$", re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -553,7 +557,7 @@ class ProxiedRequest:
         """Runs on this box's GPU: not the cloud route, not an Ollama cloud model."""
         model = self.document.get("model") if self.inference else None
         return self.inference and not self.to_cloud and not (
-            isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model.strip()))
+            isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model))
 
 
 def read_request(config, exchange):
@@ -573,7 +577,10 @@ def read_request(config, exchange):
     if kind is None:
         return ProxiedRequest(path, method, raw, decoded=decoded)
     if kind == "multipart":
-        document, changed = {"model": form_field(raw, exchange.environ.get("CONTENT_TYPE", ""), "model")}, False
+        models = form_models(exchange.environ, raw)
+        for model in models[1:]:  # Ollama runs the first; none may be a refused one
+            refuse_ollama_cloud(config, model)
+        document, changed = {"model": models[0] if models else None}, False
     else:
         document = parse_json_object(raw)
         changed = False if is_cloud_model(document) else adjust_body(path, document, config)
@@ -584,25 +591,23 @@ def read_request(config, exchange):
 
 
 def refuse_ollama_cloud(config, model):
-    if isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model.strip()) and not config.allow_ollama_cloud:
+    if isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model) and not config.allow_ollama_cloud:
         raise GatewayError(403, "cloud_model_disabled",
                            "%s is an Ollama cloud model, run by ollama.com on this box owner's account; "
                            "it is disabled on this gateway (set ALLOW_OLLAMA_CLOUD=1 to allow it)" % printable(model))
 
 
-def form_field(body, content_type, name):
-    """One text field of a multipart/form-data body (the transcription's
-    ``model``), read without changing the body, which goes upstream as it came."""
-    boundary = re.search(r'boundary="?([^";]+)"?', content_type)
-    if not boundary:
-        return None
-    wanted = re.compile(rb'content-disposition:[^\r\n]*\bname="%s"' % re.escape(name.encode()), re.IGNORECASE)
-    for part in body.split(b"--" + boundary.group(1).encode()):
-        head, separator, value = part.partition(b"\r\n\r\n")
-        if separator and wanted.search(head):
-            return value[:-2].decode("utf-8", "replace") if value.endswith(b"\r\n") else value.decode("utf-8",
-                                                                                                       "replace")
-    return None
+def form_models(environ, body):
+    """The models a multipart request (a transcription) names, in the order
+    Ollama reads them (Go's ``FormValue``: the query string first, then the
+    form; it runs the first), without changing the body, which goes
+    upstream as it came."""
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("model", [])
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + environ.get("CONTENT_TYPE", "").encode("latin-1") + b"\r\n\r\n" + body)
+    form = [part.get_content() for part in (message.iter_parts() if message.is_multipart() else [])
+            if part.get_param("name", header="content-disposition") == "model"]
+    return [(m if isinstance(m, str) else m.decode("utf-8", "replace")).strip() for m in query + form]
 
 
 def read_body(environ, limit):
@@ -693,7 +698,7 @@ def parse_json_object(raw):
     """The body as a JSON object, read as strictly as Ollama's decoder: UTF-8
     only, no NaN or Infinity, no lone surrogates; a ``model`` is a string."""
     try:
-        document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_one_key_each)
         if b"\\u" in raw and re.search(rb"\\u[dD][89a-fA-F]", raw):  # encoded surrogates: all must pair up
             json.dumps(document, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and UnicodeEncodeError are ValueErrors
@@ -709,6 +714,20 @@ def parse_json_object(raw):
 
 def _refuse_constant(name):
     raise ValueError("%s is not JSON" % name)
+
+
+def _one_key_each(pairs):
+    """A JSON object whose keys Ollama reads as Python does. Go's decoder
+    matches keys without regard to case and keeps the last of repeated ones,
+    so {"model": "a", "MODEL": "b"} would run "b" there while this gateway
+    checked "a": such bodies are refused."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    for key in document:
+        if key != "model" and key.casefold() == "model":
+            raise ValueError("%r: the key is \"model\", in lower case" % key[:20])
+    return document
 
 
 def adjust_body(path, document, config):
@@ -737,6 +756,8 @@ def take_slot(gateway, exchange):
     leaves, or a DELETE, while the request waits ends the wait."""
     holder = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
               "since": round(time.time(), 3)}
+    if exchange.key is not None:
+        holder["key"] = exchange.key.name
     slots, wait_s = gateway.slots, gateway.config.slot_wait_s
     if wait_s > 0:
         exchange.slot = wait_in_line(gateway, exchange, holder)
@@ -749,7 +770,8 @@ def take_slot(gateway, exchange):
     if exchange.slot is None:
         gateway.metrics.count("gpu_busy")
         gateway.metrics.count("gpu_refusals", "busy")
-        raise GatewayError(503, "gpu_busy", busy_message(slots), headers=gateway.retry_after, stage="gpu_busy")
+        raise GatewayError(503, "gpu_busy", busy_message(slots, gateway.config), headers=gateway.retry_after,
+                           stage="gpu_busy")
     waited = exchange.slot_taken_at - exchange.started
     gateway.metrics.observe("slot_wait", waited)
     exchange.slot_wait_ms = "%.1f" % (waited * 1000)
@@ -770,7 +792,7 @@ def wait_in_line(gateway, exchange, holder):
         gateway.metrics.count("gpu_refusals", "queue_full")
         retry_after = slots.retry_after(full.waiting, config.retry_after_s)
         raise GatewayError(503, "gpu_busy", "GPU queue full: %d requests waiting (QUEUE_MAX); %s"
-                           % (full.waiting, busy_message(slots)), headers=[("Retry-After", str(retry_after))],
+                           % (full.waiting, busy_message(slots, config)), headers=[("Retry-After", str(retry_after))],
                            stage="gpu_busy")
     if slot is not None:
         return slot
@@ -816,13 +838,17 @@ def wait_turn(slots, ticket, holder, deadline, moved, stopped):
     return None
 
 
-def busy_message(slots):
+def busy_message(slots, config):
+    """Who holds the GPU, by task id -- unless API keys are on: then a task
+    id of another key is not told (README, "Keys and their tasks")."""
     held = [s for s in slots.describe() if s["state"] == "held"]
     if not held:
         return "GPU slot busy"
     first = held[0]
     since = first.get("since")
     age = " for %.1f s" % (time.time() - since) if isinstance(since, (int, float)) else ""
+    if config.api_keys:
+        return "GPU slot busy (held%s)" % age
     who = "task %s" % first["task_id"] if first.get("task_id") else "pid %s" % first.get("pid")
     return "GPU slot busy (held by %s%s)" % (who, age)
 
@@ -960,7 +986,7 @@ class GpuSlots:
                     record = {}
                 # Another program that takes the lock (flock(1)) may write
                 # nothing; the kernel's pid stands then.
-                entry.update({k: record[k] for k in ("pid", "task_id", "path", "since") if k in record})
+                entry.update({k: record[k] for k in ("pid", "task_id", "path", "since", "key") if k in record})
             slots.append(entry)
         return slots
 
@@ -1308,7 +1334,9 @@ def upstream_target(environ, path):
     so that no other spelling of a refused route reaches Ollama), and the
     query string as it came."""
     query = environ.get("QUERY_STRING", "")
-    return urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~") + ("?" + query if query else "")
+    # PEP 3333: PATH_INFO holds the path's bytes as latin-1 characters.
+    return urllib.parse.quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~") + (
+        "?" + query if query else "")
 
 
 def give_model_its_lifetime(gateway, exchange, request):
@@ -1481,6 +1509,9 @@ def _plain_reason(error):
         pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__])
     if isinstance(innermost, http.client.RemoteDisconnected):
         return "it closed the connection without answering"
+    if _caused_by(innermost, (http.client.IncompleteRead, urllib3.exceptions.IncompleteRead,
+                              urllib3.exceptions.ProtocolError)):
+        return "it closed the connection in the middle of its answer"
     text = str(innermost.args[0]) if innermost.args and isinstance(innermost.args[0], str) else str(innermost)
     return re.sub(r"<[^>]*object at 0x[0-9a-f]+>: ?", "", text)[:200] or type(innermost).__name__
 
@@ -1671,9 +1702,11 @@ def relay_answer(exchange, forward):
     /v1 (or one to be translated) is read and answered in the gateway's
     envelope; any other answer is relayed as it comes."""
     response = exchange.response
-    exchange.task.set(upstream_status=response.status_code)
+    exchange.note(upstream_status=response.status_code)
     if response.status_code >= 400 and (exchange.path.startswith("/v1/") or forward.translation):
         return answer_upstream_error(exchange, forward)
+    if forward.translation and not forward.translation.stream_format:  # one document: translated before answering
+        return exchange.answer(200, forward.translation.whole(exchange), outcome=exchange.answered({}))
     if forward.translation:
         headers = [("Content-Type", forward.translation.content_type)]
         relay = Relay(exchange, forward.translation.stream_format, forward.translation.answer)
@@ -2040,7 +2073,7 @@ class Watcher:
         cancelled = self.board.call("cancels_among", [e.task.store_id for e in exchanges], default=set())
         for exchange in exchanges:
             if exchange.task.store_id in cancelled:
-                exchange.call.abort("cancelled")
+                cancel(exchange)
 
     @staticmethod
     def _drop_slow_reader(exchange):
@@ -2049,7 +2082,20 @@ class Watcher:
         fails with EPIPE (a client gone, logged at debug level only), and
         the exchange ends as cancelled."""
         exchange.call.abort("client_gone")
-        if exchange.client_socket is not None:
+        _cut_client(exchange)
+
+
+def cancel(exchange):
+    """A DELETE: cut the upstream call; and the client too if gunicorn is
+    blocked writing to it (a client that does not read would otherwise hold
+    the thread and the slot until CLIENT_SEND_TIMEOUT_S)."""
+    exchange.call.abort("cancelled")
+    if exchange.writing_since is not None:
+        _cut_client(exchange)
+
+
+def _cut_client(exchange):
+    if exchange.client_socket is not None:
             try:
                 exchange.client_socket.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -2136,7 +2182,12 @@ class Exchange:
         self.first_byte_at = time.monotonic()
         ttft = self.first_byte_at - self.started
         self.gateway.metrics.observe("ttft", ttft)
-        self.task.set(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
+        self.note(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
+
+    def note(self, *change, **extensions):
+        """A change of the task's document, when the exchange has a task."""
+        if self.task is not None:
+            self.task.set(*change, **extensions)
 
     def answered(self, counts):
         """The outcome of an upstream answer that arrived whole."""
@@ -2206,15 +2257,20 @@ class Exchange:
                 return
             self.closed = True
         try:
-            self._let_go_of_upstream()
-            self._free_slot()
-        except Exception:  # never into the answer: the client's answer is already started
-            log.exception("ending %s %s", self.method, printable(self.path))
+            self._quietly(self._let_go_of_upstream)  # each step runs whatever the one before it did
+            self._quietly(self._free_slot)
         finally:
             if self.task is not None:
                 self.gateway.watcher.unwatch(self)
                 self._finish_task(outcome or Outcome.of(self.abort_error()))
             access_log.info(access_line(self))
+
+    def _quietly(self, step):
+        """A step of the ending; a failure is logged, never raised into an answer already started."""
+        try:
+            step()
+        except Exception:
+            log.exception("ending %s %s: %s", self.method, printable(self.path), step.__name__)
 
     def _let_go_of_upstream(self):
         """A response read to its end goes back to the connection pool; any
@@ -2272,7 +2328,7 @@ def own_route(gateway, exchange):
     if path == "/readyz":
         return readyz(gateway, exchange)
     if path == "/slots" and method == "GET":
-        return exchange.answer(200, {"slots": gateway.slots.describe(), "queue": gateway.slots.line.describe()})
+        return exchange.answer(200, slots_seen_by(exchange.key, gateway.slots))
     if path == "/tasks/status" and method == "GET":
         return list_tasks(gateway, exchange)
     if path.startswith("/tasks/status/") and method == "GET":
@@ -2285,6 +2341,18 @@ def own_route(gateway, exchange):
         return exchange.answer(200, gateway.metrics.exposition(),
                                content_type="text/plain; version=0.0.4; charset=utf-8")
     raise GatewayError(404, "not_found", "no route for %s %s" % (method, printable(path)))
+
+
+def slots_seen_by(key, slots):
+    """/slots: every slot and the queue; a key that is not admin sees the
+    task ids, models and key names of its own tasks only."""
+    seen = {"slots": slots.describe(), "queue": slots.line.describe()}
+    if key is not None and not key.admin:
+        for entry in seen["slots"] + seen["queue"]:
+            if entry.get("key") != key.name:
+                for private in ("task_id", "model", "key"):
+                    entry.pop(private, None)
+    return seen
 
 
 def readyz(gateway, exchange):
@@ -2317,7 +2385,7 @@ def known_task(gateway, exchange, wanted):
     With API keys, each key has its own task ids and sees only its own
     tasks; another key's task is 404, never 403, so ids do not leak. An
     admin key sees every task: its own as ``<id>``, another key's as
-    ``<key name>/<id>``."""
+    ``<key name>/<id>``, and one made without a key (``gateway hold``) as ``<id>``."""
     key = exchange.key
     owner, _, task_id = wanted.rpartition("/")
     if owner and (key is None or not key.admin or not KEY_NAME_RE.match(owner)):
@@ -2326,6 +2394,9 @@ def known_task(gateway, exchange, wanted):
         raise GatewayError(404, "not_found", "no task with that id")
     kept_as = status.store_id(task_id, owner or (key.name if key else None))
     document = gateway.board.query("get", kept_as)
+    if document is None and key is not None and key.admin and not owner:
+        kept_as = status.store_id(task_id)
+        document = gateway.board.query("get", kept_as)
     if document is None:
         raise GatewayError(404, "not_found", "no task %s (unknown or expired)" % printable(wanted))
     return kept_as, document
@@ -2334,7 +2405,7 @@ def known_task(gateway, exchange, wanted):
 def list_tasks(gateway, exchange):
     query = urllib.parse.parse_qs(exchange.environ.get("QUERY_STRING", ""))
     limit_text = query.get("limit", ["50"])[-1]
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
         raise GatewayError(400, "invalid_request", "limit must be a whole number from 1 to 1000")
     state = query.get("state", [None])[-1]
     if state is not None and state not in status.STATES:
@@ -2353,7 +2424,7 @@ def cancel_task(gateway, exchange, task_id):
                            % (printable(task_id), document["state"]))
     local = gateway.watcher.local(kept_as)
     if local is not None:
-        local.call.abort("cancelled")
+        cancel(local)
     else:
         gateway.board.query("request_cancel", kept_as)
     deadline = time.monotonic() + 1.5
@@ -2514,18 +2585,21 @@ class Translation:
         self.content_type = "application/x-ndjson" if stream else "application/json"
 
     def answer(self, chunks):
-        if self.stream_format:
-            return openai_stream_to_ollama(chunks, self.model)
-        return self._whole(chunks)
+        return openai_stream_to_ollama(chunks, self.model)
 
-    def _whole(self, chunks):
-        started = time.monotonic()
-        raw = b"".join(chunks)
+    def whole(self, exchange):
+        """A non-streamed answer, read whole (16 MiB at most) and translated
+        before the client is answered: a broken one is a 502, never a 200."""
         try:
-            document = openai_answer_to_ollama(json.loads(raw), self.model, started)
+            raw = exchange.response.raw.read(16 * 1024 * 1024, decode_content=True)
+            document = openai_answer_to_ollama(json.loads(raw), self.model, exchange.started)
         except (ValueError, AttributeError, TypeError) as error:
-            raise CloudError("the cloud's answer is not a chat completion: %s" % error)
-        yield json.dumps(document).encode()
+            raise GatewayError(502, "upstream_error", "the cloud's answer is not a chat completion: %s"
+                               % _short(error), provider="openai", stage="upstream_error")
+        except Exception as error:
+            raise exchange.upstream_failure(error)
+        exchange.note(prompt_tokens=document["prompt_eval_count"], completion_tokens=document["eval_count"])
+        return document
 
 
 def _iso_now():

@@ -161,3 +161,12 @@ def test_without_a_key_the_cloud_route_is_not_configured(gateway, stub):
     assert (error["code"], error["provider"]) == ("provider_not_configured", "openai")
     assert "OPENAI_API_KEY" in error["message"]
     assert stub.received == []
+
+
+@pytest.mark.parametrize("knob", ["malformed=1", "short_body=1"])
+def test_a_broken_non_streamed_cloud_answer_is_a_502_never_an_empty_200(cloud_gateway, cloud, knob):
+    answer = cloud_gateway.post("/api/chat", headers={"X-Stub": knob, "X-Task-Id": "cloud-broken"},
+                                json={"model": "openai/gpt-4o-mini", "messages": MESSAGES, "stream": False})
+    assert answer.status_code == 502 and gateway_error(answer)["code"] == "upstream_error"
+    document = cloud_gateway.status("cloud-broken").json()
+    assert (document["state"], document["stage"]) == ("FAILED", "upstream_error")

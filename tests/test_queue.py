@@ -32,7 +32,7 @@ def raw_request(gateway, path, body, headers=()):
     return sock
 
 
-ADMIN = {"Authorization": "Bearer key-a"}  # the keys of the fair gateway; the others ignore it
+ADMIN = {"Authorization": "Bearer admin-key"}  # the admin key of the fair gateway; the others ignore it
 
 
 def line(gateway):
@@ -202,18 +202,20 @@ def test_ndjson_waiter_gets_no_queue_lines(queued, stub):
     assert all(json.loads(row) for row in waiter.answer.text.splitlines())
 
 
-def test_the_slot_goes_to_the_key_served_least_recently(start_gateway, stub):
-    gateway = start_gateway(SLOT_WAIT_S="20", QUEUE_MAX="16", GATEWAY_API_KEYS="key-a,key-b")
+def test_the_slot_goes_to_the_key_served_least_recently(start_gateway, stub, tmp_path):
+    (tmp_path / "keys").write_text("key-a\nkey-b\nadmin-key ops admin\n")  # two bare keys, and an admin to watch
+    gateway = start_gateway(SLOT_WAIT_S="20", QUEUE_MAX="16", GATEWAY_API_KEYS="@%s" % (tmp_path / "keys"))
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     holder = hold_slot(gateway, "fair-a0", [("Authorization", "Bearer key-a")])
     backlog = queue_up(gateway, ["fair-a%d" % n for n in range(1, 7)], a)
     single = queue_up(gateway, ["fair-b1"], b)[0]
     fingerprint = "key-" + hashlib.sha256(b"key-b").hexdigest()[:8]  # a bare key is named by its fingerprint
-    shown = {w["task_id"]: w for w in line(gateway)}
+    shown = {w["task_id"]: w for w in gateway.get("/slots", headers=b).json()["queue"] if "task_id" in w}
+    assert list(shown) == ["fair-b1"]  # key B sees its own waiter, not key A's
     assert shown["fair-b1"]["key"] == fingerprint and shown["fair-b1"]["position"] == 2
     assert wait_until(lambda: position(gateway, "fair-b1", b) == 2, 0.5)
     assert gateway.get("/tasks/status/fair-b1", headers=b).json()["extensions"]["key"] == fingerprint
-    assert "key-b" not in json.dumps(line(gateway))
+    assert "key-b" not in json.dumps(gateway.get("/slots", headers=b).json())
     holder.close()
     for waiter in backlog + [single]:
         waiter.join(15)
