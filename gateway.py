@@ -766,7 +766,7 @@ def take_slot(gateway, exchange):
     if exchange.slot is not None:
         exchange.slot_taken_at = time.monotonic()
     if exchange.call.reason:  # cancelled while waiting, maybe just as the slot came: the ending frees it
-        raise exchange.abort_error()
+        raise abort_error(exchange)
     if exchange.slot is None:
         gateway.metrics.count("gpu_busy")
         gateway.metrics.count("gpu_refusals", "busy")
@@ -1467,7 +1467,7 @@ def send_upstream(exchange, forward):
         return forward.upstream.send(forward.method, forward.target, forward.headers, forward.body)
     except requests.RequestException as error:
         if exchange.call.reason:
-            raise exchange.abort_error()
+            raise abort_error(exchange)
         raise upstream_error(error, forward.provider, forward.upstream.base, exchange.gateway.retry_after)
 
 
@@ -1706,7 +1706,7 @@ def relay_answer(exchange, forward):
     if response.status_code >= 400 and (exchange.path.startswith("/v1/") or forward.translation):
         return answer_upstream_error(exchange, forward)
     if forward.translation and not forward.translation.stream_format:  # one document: translated before answering
-        return exchange.answer(200, forward.translation.whole(exchange), outcome=exchange.answered({}))
+        return exchange.answer(200, forward.translation.whole(exchange), outcome=outcome_of_answer(exchange, {}))
     if forward.translation:
         headers = [("Content-Type", forward.translation.content_type)]
         relay = Relay(exchange, forward.translation.stream_format, forward.translation.answer)
@@ -1724,7 +1724,7 @@ def answer_upstream_error(exchange, forward):
     try:
         raw = exchange.response.raw.read(1024 * 1024, decode_content=True)
     except Exception as error:
-        raise exchange.upstream_failure(error)
+        raise upstream_failure(exchange, error)
     status_code = exchange.response.status_code
     message = _upstream_message(raw) or "the upstream answered %d" % status_code
     return exchange.fail(GatewayError(status_code, _upstream_code(status_code), message,
@@ -1795,7 +1795,7 @@ class Relay:
             # Cut short: the client left (or the relay failed). A stream
             # whose own end marker already passed was complete all the same.
             complete = answer_is_complete(self.tail, self.stream_format)
-            self.exchange.close(self.exchange.answered(token_counts(self.tail)) if complete else None)
+            self.exchange.close(outcome_of_answer(self.exchange, token_counts(self.tail)) if complete else None)
 
     def _upstream_chunks(self):
         raw = self.upstream.raw
@@ -1830,17 +1830,17 @@ class Relay:
                 exchange.bytes_out = sent
                 self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
                 if self.length is not None and sent >= self.length:
-                    exchange.close(exchange.answered(token_counts(self.tail)))
+                    exchange.close(outcome_of_answer(exchange, token_counts(self.tail)))
                 yield chunk
             if self.length is not None and sent < self.length:
                 raise requests.exceptions.ChunkedEncodingError("upstream closed after %d of %d bytes"
                                                                % (sent, self.length))
-            exchange.close(exchange.answered(token_counts(self.tail)))
+            exchange.close(outcome_of_answer(exchange, token_counts(self.tail)))
         except Exception as error:  # the upstream failed (or was cut) mid-answer
             if answer_is_complete(self.tail, self.stream_format):
-                exchange.close(exchange.answered(token_counts(self.tail)))
+                exchange.close(outcome_of_answer(exchange, token_counts(self.tail)))
                 return
-            failure = exchange.upstream_failure(error)
+            failure = upstream_failure(exchange, error)
             client_left = exchange.call.reason == "client_gone"
             exchange.close(Outcome.of(failure))
             event = self._error_event(failure)
@@ -2189,26 +2189,6 @@ class Exchange:
         if self.task is not None:
             self.task.set(*change, **extensions)
 
-    def answered(self, counts):
-        """The outcome of an upstream answer that arrived whole."""
-        if self.response is not None and self.response.status_code < 400:
-            return Outcome(SUCCESS, "completed", "completed", counts)
-        upstream_status = self.response.status_code if self.response is not None else None
-        return Outcome(FAILED, "upstream_error", "the upstream answered %s" % upstream_status, counts)
-
-    def upstream_failure(self, error):
-        """The GatewayError that names a failed upstream call."""
-        if self.call.reason:
-            return self.abort_error()
-        base = self.gateway.cloud.base if self.provider == "openai" else self.gateway.upstream.base
-        return upstream_error(error, self.provider, base, self.gateway.retry_after)
-
-    def abort_error(self):
-        if self.call.reason == "cancelled":
-            return GatewayError(503, "cancelled", "task %s was cancelled by DELETE /tasks/%s"
-                                % (self.task_id, self.task_id), stage="cancelled")
-        return GatewayError(503, "cancelled", "the client went away", stage="cancelled")
-
     # -- answering
 
     def start(self, status_code, reason, headers, exc_info=None):
@@ -2262,7 +2242,7 @@ class Exchange:
         finally:
             if self.task is not None:
                 self.gateway.watcher.unwatch(self)
-                self._finish_task(outcome or Outcome.of(self.abort_error()))
+                self._finish_task(outcome or Outcome.of(abort_error(self)))
             access_log.info(access_line(self))
 
     def _quietly(self, step):
@@ -2296,6 +2276,32 @@ class Exchange:
             self.gateway.metrics.count("upstream_errors", outcome.stage)
         duration_ms = round((time.monotonic() - self.started) * 1000, 1)
         self.task.finish(outcome.state, outcome.stage, outcome.message, duration_ms=duration_ms, **outcome.counts)
+
+
+def outcome_of_answer(exchange, counts):
+    """The outcome of an upstream answer that arrived whole."""
+    response = exchange.response
+    if response is not None and response.status_code < 400:
+        return Outcome(SUCCESS, "completed", "completed", counts)
+    upstream_status = response.status_code if response is not None else None
+    return Outcome(FAILED, "upstream_error", "the upstream answered %s" % upstream_status, counts)
+
+
+def upstream_failure(exchange, error):
+    """The GatewayError that names a failed upstream call of this exchange."""
+    if exchange.call.reason:
+        return abort_error(exchange)
+    gateway = exchange.gateway
+    base = gateway.cloud.base if exchange.provider == "openai" else gateway.upstream.base
+    return upstream_error(error, exchange.provider, base, gateway.retry_after)
+
+
+def abort_error(exchange):
+    """Why an exchange was cut short: a DELETE, or the client went away."""
+    if exchange.call.reason == "cancelled":
+        return GatewayError(503, "cancelled", "task %s was cancelled by DELETE /tasks/%s"
+                            % (exchange.task_id, exchange.task_id), stage="cancelled")
+    return GatewayError(503, "cancelled", "the client went away", stage="cancelled")
 
 
 def access_line(exchange):
@@ -2597,7 +2603,7 @@ class Translation:
             raise GatewayError(502, "upstream_error", "the cloud's answer is not a chat completion: %s"
                                % _short(error), provider="openai", stage="upstream_error")
         except Exception as error:
-            raise exchange.upstream_failure(error)
+            raise upstream_failure(exchange, error)
         exchange.note(prompt_tokens=document["prompt_eval_count"], completion_tokens=document["eval_count"])
         return document
 
