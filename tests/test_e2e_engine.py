@@ -130,13 +130,19 @@ def test_hang_up_mid_generation_frees_the_slot_and_stops_the_engine(client, engi
     stream.close()
     assert engine_gateway.wait_slot_free(1.0)
     assert time.monotonic() - hung_up_at < 1.0
-    # after the hang-up it stops: from the engine's own side, its CPU goes idle
-    time.sleep(0.5)
-    before = engine.cpu_seconds()
-    time.sleep(1.0)
-    after_hangup = engine.cpu_seconds() - before
+    # after the hang-up it stops: from the engine's own side, its CPU goes
+    # idle within a few seconds (it notices between two tokens, later on a
+    # loaded machine), while 600 tokens would keep it busy for ~30 s
     assert generating > 0.3, generating  # the measure can see work
-    assert after_hangup < 0.1, after_hangup  # 600 tokens would take ~30 s: it stopped
+    windows = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        before = engine.cpu_seconds()
+        time.sleep(0.5)
+        windows.append(engine.cpu_seconds() - before)
+        if windows[-1] < 0.05:
+            break
+    assert windows[-1] < 0.05, windows
 
 
 def test_second_concurrent_request_gets_gpu_busy(client, engine_gateway):
