@@ -1132,7 +1132,7 @@ class Upstreams:
 
     def describe(self):
         now = time.monotonic()
-        return [{"upstream": u.base, "state": "up" if u.down_until <= now else "down",
+        return [{"upstream": u.base, "upstream_state": "up" if u.down_until <= now else "down",
                  "loaded": sorted(u.loaded)} for u in self.all]
 
 
