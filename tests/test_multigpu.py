@@ -163,3 +163,19 @@ def test_several_upstreams_mean_one_slot_each():
         gateway.Config.from_environ(dict(two, GPU_SLOTS="3"))
     with pytest.raises(gateway.ConfigError, match="without /v1"):
         gateway.Config.from_environ({"UPSTREAM_BASE": "http://127.0.0.1:11434,http://127.0.0.1:11435/v1"})
+
+
+def test_with_prefer_loaded_wait_the_head_of_the_line_waits_for_the_gpu_that_has_its_model(two_gpus):
+    gateway, gpus = two_gpus(SLOT_WAIT_S="10", PREFER_LOADED_WAIT_S="5")
+    gpus[1].load("llama3.2")
+    running = threading.Thread(target=gateway.post, args=("/api/chat",), kwargs={
+        "json": chat(stream=True), "headers": dict(LONG, **{"X-Task-Id": "loaded-1"})})
+    running.start()
+    assert wait_until(lambda: gateway.slots()[1]["state"] == "held", 5)
+    started = time.monotonic()
+    answer = gateway.post("/api/chat", json=chat(), headers={"X-Task-Id": "patient-1"})
+    running.join()
+    assert answer.status_code == 200
+    assert served_by(gpus, "patient-1") == 1, "it loaded the model a second time, on GPU 0"
+    assert 0.5 < time.monotonic() - started < 4
+    assert not [r for r in gpus[0].received if r.path == "/api/chat"]
