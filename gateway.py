@@ -2921,16 +2921,17 @@ def check(gateway, out=sys.stdout):
     print("configuration:", file=out)
     for name, value in _masked(gateway.config).items():
         print("  %-22s %s" % (name, value), file=out)
-    try:
-        answer = gateway.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-check"}, timeout=(2, 2))
-        print("upstream:  %s answered %d %s" % (gateway.config.upstream_base, answer.status_code,
-                                                answer.text.strip()[:80]), file=out)
-        ok = ok and answer.status_code < 400
-    except requests.RequestException as error:
-        print("upstream:  %s does NOT answer: %s" % (gateway.config.upstream_base,
-                                                     upstream_error(error, "ollama", gateway.upstream.base).message),
-              file=out)
-        ok = False
+    for upstream in gateway.upstreams.all:  # one per GPU when there are several
+        try:
+            answer = upstream.send("GET", "/api/version", {"User-Agent": "edgegate-check"}, timeout=(2, 2))
+            print("upstream:  %s answered %d %s" % (upstream.base, answer.status_code,
+                                                    answer.text.strip()[:80]), file=out)
+            ok = ok and answer.status_code < 400
+        except requests.RequestException as error:
+            print("upstream:  %s does NOT answer: %s" % (upstream.base,
+                                                         upstream_error(error, "ollama", upstream.base).message),
+                  file=out)
+            ok = False
     store = status.open_store(gateway.config)
     try:
         store.ping()

@@ -2,11 +2,13 @@
 and each inference request sent to the GPU that already holds its model.
 Two stub upstreams stand for the two Ollamas."""
 
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from conftest import free_port, gateway_error, wait_until
+from conftest import REPO, free_port, gateway_error, wait_until
 from stub_upstream import StubServer
 
 LONG = {"X-Stub": "chunks=5,chunk_delay=0.2"}  # about a second of streaming
@@ -126,8 +128,8 @@ def test_readyz_names_every_upstream_when_none_answers(start_gateway):
 
 def test_the_line_is_served_in_arrival_order_by_whichever_gpu_frees_first(two_gpus):
     gateway, gpus = two_gpus(SLOT_WAIT_S="10")
-    holders = [threading.Thread(target=gateway.post, args=("/api/chat",),
-                                kwargs={"json": chat(stream=True), "headers": {"X-Stub": "chunks=4,chunk_delay=%s" % delay}})
+    holders = [threading.Thread(target=gateway.post, args=("/api/chat",), kwargs={
+                   "json": chat(stream=True), "headers": {"X-Stub": "chunks=4,chunk_delay=%s" % delay}})
                for delay in (0.2, 0.4)]  # GPU slots busy for about 0.6 and 1.2 s
     for holder in holders:
         holder.start()
@@ -179,3 +181,20 @@ def test_with_prefer_loaded_wait_the_head_of_the_line_waits_for_the_gpu_that_has
     assert served_by(gpus, "patient-1") == 1, "it loaded the model a second time, on GPU 0"
     assert 0.5 < time.monotonic() - started < 4
     assert not [r for r in gpus[0].received if r.path == "/api/chat"]
+
+
+def test_hold_takes_one_slot_or_all_and_unloads_only_their_ollamas(two_gpus):
+    gateway, gpus = two_gpus()
+
+    def hold(*args):
+        return subprocess.run([sys.executable, "-m", "gateway", "hold"] + list(args) + ["--", "true"],
+                              cwd=REPO, env=dict(gateway.env), timeout=30).returncode
+
+    for stub in gpus:
+        stub.load("llama3.2", 300)
+    assert hold("--slot", "1") == 0
+    assert (gpus[0].loaded_models(), gpus[1].loaded_models()) == (["llama3.2:latest"], [])
+    gpus[1].load("qwen3", 300)
+    assert hold("--all") == 0
+    assert (gpus[0].loaded_models(), gpus[1].loaded_models()) == ([], [])
+    assert gateway.wait_slot_free()
