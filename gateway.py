@@ -117,6 +117,32 @@ def _base_url(env, name, default, alias=None):
     return raw
 
 
+def _upstream_bases(env):
+    """UPSTREAM_BASE: one base URL, or several, comma-separated: one Ollama
+    per GPU (README, "Several GPUs"), each checked as one URL is."""
+    raw = _text(env, "UPSTREAM_BASE", "http://127.0.0.1:11434", alias="OLLAMA_BASE_URL")
+    bases = tuple(_base_url({"UPSTREAM_BASE": part}, "UPSTREAM_BASE", "http://127.0.0.1:11434")
+                  for part in raw.split(",") if part.strip())
+    if not bases:
+        raise ConfigError("UPSTREAM_BASE=%r: expected one base URL or several, comma-separated" % raw)
+    if len(set(bases)) != len(bases):
+        raise ConfigError("UPSTREAM_BASE=%r: an upstream is named twice" % raw)
+    return bases
+
+
+def _gpu_slots(env, upstream_bases):
+    """GPU_SLOTS: with one upstream, any count (default 1); with several,
+    one slot per upstream, so it may only be left unset or equal to their number."""
+    count = len(upstream_bases)
+    if count == 1:
+        return _number(env, "GPU_SLOTS", 1, int, 1, 1024)
+    slots = _number(env, "GPU_SLOTS", count, int, 1, 1024)
+    if slots != count:
+        raise ConfigError("GPU_SLOTS=%r: with %d upstreams in UPSTREAM_BASE there is one slot per upstream; "
+                          "leave GPU_SLOTS unset or set it to %d" % (_text(env, "GPU_SLOTS"), count, count))
+    return slots
+
+
 @dataclasses.dataclass(frozen=True)
 class ApiKey:
     """One key of GATEWAY_API_KEYS: its secret, the name that stands for it
@@ -206,7 +232,10 @@ def _directory(env, name, default):
 class Config:
     """Every setting of the gateway, read once from the environment (README, "Configuration")."""
 
-    upstream_base: str
+    upstream_base: str  # the first of upstream_bases
+    upstream_bases: tuple  # one Ollama per GPU; slot i belongs to upstream i when there are several
+    upstream_down_s: float
+    prefer_loaded_wait_s: float
     connect_timeout_s: float
     read_timeout_s: float
     upstream_retries: int
@@ -252,8 +281,12 @@ class Config:
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL=%r: expected a redis://, rediss:// or unix:// URL" % redis_url)
         state_dir = _directory(env, "STATE_DIR", "~/.local/state/edgegate")
+        upstream_bases = _upstream_bases(env)
         return cls(
-            upstream_base=_base_url(env, "UPSTREAM_BASE", "http://127.0.0.1:11434", alias="OLLAMA_BASE_URL"),
+            upstream_base=upstream_bases[0],
+            upstream_bases=upstream_bases,
+            upstream_down_s=_number(env, "UPSTREAM_DOWN_S", 10.0, float, 0),  # a refusing upstream is skipped
+            prefer_loaded_wait_s=_number(env, "PREFER_LOADED_WAIT_S", 0.0, float, 0),  # the head waits for its model
             connect_timeout_s=_number(env, "UPSTREAM_CONNECT_TIMEOUT_S", 2.0, float, 0.01),
             read_timeout_s=_number(env, "UPSTREAM_READ_TIMEOUT_S", 300.0, float, 0.01,
                                    alias="PROVIDER_TIMEOUT_SECONDS"),
@@ -270,7 +303,7 @@ class Config:
             heartbeat_sec=_number(env, "HEARTBEAT_SEC", 10.0, float, 0.05),
             algorithm_id=_text(env, "ALGORITHM_ID", "ollama-openai"),
             state_dir=state_dir,
-            gpu_slots=_number(env, "GPU_SLOTS", 1, int, 1, 1024),
+            gpu_slots=_gpu_slots(env, upstream_bases),
             gpu_lock_dir=_directory(env, "GPU_LOCK_DIR", os.path.join(state_dir, "locks")),
             slot_wait_s=_number(env, "SLOT_WAIT_S", 0.0, float, 0),
             queue_max=_number(env, "QUEUE_MAX", 16, int, 0),  # waiters in the GPU line (with SLOT_WAIT_S)
@@ -359,11 +392,12 @@ class Gateway:
 
     def __init__(self, config):
         self.config = config
-        self.slots = GpuSlots(config.gpu_lock_dir, config.gpu_slots)
+        self.upstreams = Upstreams(config)  # one per GPU; slot i is upstream i's when there are several
+        self.slots = GpuSlots(config.gpu_lock_dir, config.gpu_slots,
+                              self.upstreams.choose if self.upstreams.several else None)
         self.retry_after = [("Retry-After", str(config.retry_after_s))]
-        self.lifetimes = ModelLifetimes()
-        self.upstream = Upstream(config.upstream_base, config.connect_timeout_s, config.read_timeout_s,
-                                 config.upstream_retries)
+        self.upstream = self.upstreams.all[0]
+        self.lifetimes = self.upstream.lifetimes
         self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
                               config.upstream_retries)
         self._pid = None
@@ -759,12 +793,15 @@ def take_slot(gateway, exchange):
     if exchange.key is not None:
         holder["key"] = exchange.key.name
     slots, wait_s = gateway.slots, gateway.config.slot_wait_s
+    gateway.upstreams.look()  # what each Ollama has loaded, if not known from the last few seconds
     if wait_s > 0:
         exchange.slot = wait_in_line(gateway, exchange, holder)
     else:
-        exchange.slot = slots.try_take(holder)
+        exchange.slot = slots.try_take(holder, {"model": exchange.model})
     if exchange.slot is not None:
         exchange.slot_taken_at = time.monotonic()
+        if gateway.upstreams.several:  # one upstream: the documents keep the shape they always had
+            exchange.task.set(slot=exchange.slot.index, upstream=gateway.upstreams.of_slot(exchange.slot.index).base)
     if exchange.call.reason:  # cancelled while waiting, maybe just as the slot came: the ending frees it
         raise abort_error(exchange)
     if exchange.slot is None:
@@ -815,6 +852,7 @@ def wait_in_line(gateway, exchange, holder):
 
 
 def _moved_up(exchange, stream, position):
+    exchange.gateway.upstreams.look()  # outside the line's lock: a look may take a round trip
     if position and exchange.task.extensions.get("queue_position") != position:
         exchange.task.set(queue_position=position)
     if stream is not None and position:
@@ -923,13 +961,23 @@ class GpuSlots:
     descriptor shared across fork or threads would exclude nothing.
     """
 
-    def __init__(self, lock_dir, count):
+    def __init__(self, lock_dir, count, choose=None):
         self.paths = [os.path.join(lock_dir, "slot-%d.lock" % n) for n in range(count)]
         self.line = SlotLine(lock_dir)
         self.holds = collections.deque(maxlen=32)  # this process's recent hold times, for Retry-After
+        self.choose = choose  # several upstreams: (slot indexes, place) -> the order to try them in
 
-    def try_take(self, holder):
-        for index, path in enumerate(self.paths):
+    def try_take(self, holder, place=None):
+        """The first free slot of those ``place`` may have (``place["slots"]``:
+        only these, for ``hold --slot``), in the order ``choose`` prefers for
+        it; None when none is free."""
+        indexes = range(len(self.paths))
+        if place and place.get("slots") is not None:
+            indexes = [i for i in place["slots"] if 0 <= i < len(self.paths)]
+        if self.choose is not None:
+            indexes = self.choose(indexes, place or {})
+        for index in indexes:
+            path = self.paths[index]
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -991,6 +1039,137 @@ class GpuSlots:
         return slots
 
 
+class Upstreams:
+    """The Ollama servers of UPSTREAM_BASE, one per GPU, and which one a
+    request goes to (README, "Several GPUs"). With one upstream all of this
+    stands aside: every request goes to it, as it always did.
+
+    With several, slot i belongs to upstream i, and an inference request
+    tries the free slots in this order (``choose``, under the line's lock):
+    first those whose Ollama has the request's model loaded -- a load costs
+    seconds, a loaded model nothing -- then the one idle longest (the lock
+    file's mtime: ``Slot.release`` truncates it, so it is the time the slot
+    was last let go, seen by every worker). An upstream that refused a
+    connection is skipped for UPSTREAM_DOWN_S, unless all are down (then the
+    request goes and names the failure). With PREFER_LOADED_WAIT_S a waiter
+    whose model is loaded on a busy slot tries only that slot until it has
+    waited that long, rather than load the model a second time elsewhere.
+
+    What is loaded where comes from each Ollama's GET /api/ps, looked at
+    again after LOOK_EVERY_S by each worker (outside the line's lock), and
+    from what this worker just sent: a request loads its model where it
+    goes, ``keep_alive: 0`` unloads it (server/sched.go).
+    """
+
+    LOOK_EVERY_S = 3.0
+
+    def __init__(self, config):
+        self.config = config
+        self.all = [Upstream(base, config.connect_timeout_s, config.read_timeout_s, config.upstream_retries)
+                    for base in config.upstream_bases]
+        for index, upstream in enumerate(self.all):
+            upstream.index, upstream.down_until, upstream.looked_at = index, 0.0, 0.0
+            upstream.loaded = frozenset()  # model names as /api/ps shows them (``loaded_name``)
+            upstream.lifetimes = ModelLifetimes()  # each Ollama has its own loaded models and their lifetimes
+        self.several = len(self.all) > 1
+        self._looking = threading.Lock()
+
+    def of_slot(self, index):
+        """The upstream that serves slot ``index``."""
+        return self.all[index] if self.several else self.all[0]
+
+    def first_healthy(self):
+        """Where everything but inference goes (/api/tags, /api/show, /v1/models, GET /)."""
+        now = time.monotonic()
+        return next((u for u in self.all if u.down_until <= now), self.all[0])
+
+    def up(self, upstream, now=None):
+        return upstream.down_until <= (time.monotonic() if now is None else now)
+
+    def choose(self, indexes, place):
+        """``indexes`` (slots) in the order to try them for ``place`` (its
+        ``model``; its ``since``, wall time, for PREFER_LOADED_WAIT_S)."""
+        now = time.monotonic()
+        indexes = list(indexes)
+        up = [i for i in indexes if self.all[i].down_until <= now] or indexes
+        model = loaded_name(place.get("model"))
+        has_model = [i for i in up if model in self.all[i].loaded]
+        since, patience = place.get("since"), self.config.prefer_loaded_wait_s
+        if has_model and patience > 0 and since is not None and time.time() - since < patience:
+            return has_model  # wait a little for the slot that has the model loaded
+        idle = sorted(up, key=self._released_at)
+        return has_model + [i for i in idle if i not in has_model]
+
+    def _released_at(self, index):
+        try:
+            return os.stat(os.path.join(self.config.gpu_lock_dir, "slot-%d.lock" % index)).st_mtime
+        except OSError:
+            return 0.0
+
+    def look(self, force=False):
+        """GET /api/ps of every upstream not looked at for LOOK_EVERY_S (one
+        thread looks; the others use what is known). A refusal marks it down."""
+        if not self.several or not self._looking.acquire(blocking=False):
+            return
+        try:
+            for upstream in self.all:
+                if force or time.monotonic() - upstream.looked_at >= self.LOOK_EVERY_S:
+                    self._look_at(upstream)
+        finally:
+            self._looking.release()
+
+    def _look_at(self, upstream):
+        upstream.looked_at = time.monotonic()
+        try:
+            answer = upstream.send("GET", "/api/ps", {"User-Agent": "edgegate-route"},
+                                   timeout=(self.config.connect_timeout_s, 2.0))
+            models = answer.json().get("models", []) if answer.status_code == 200 else None
+        except requests.RequestException as error:
+            if _caused_by(error, CONNECT_FAILURES):
+                self.refused(upstream)
+            return
+        except (ValueError, AttributeError):
+            return
+        upstream.down_until = 0.0
+        if isinstance(models, list):
+            upstream.loaded = frozenset(loaded_name(m.get("name") or m.get("model"))
+                                        for m in models if isinstance(m, dict))
+
+    def refused(self, upstream):
+        """``upstream`` refused a connection: skip its slot for UPSTREAM_DOWN_S."""
+        if self.several:
+            if upstream.down_until <= time.monotonic():
+                log.warning("upstream %s refused a connection: its slot is skipped for %s s",
+                            upstream.base, self.config.upstream_down_s)
+            upstream.down_until = time.monotonic() + self.config.upstream_down_s
+
+    def in_doubt(self, upstream):
+        """A request on ``upstream`` failed: look at it again before the next request."""
+        upstream.looked_at = 0.0
+
+    def sent(self, upstream, model, keep_alive):
+        """What a request just sent does to ``upstream``'s loaded models."""
+        name = loaded_name(model)
+        if self.several and name:
+            if keep_alive_seconds(keep_alive) == 0:
+                upstream.loaded = upstream.loaded - {name}
+            else:
+                upstream.loaded = upstream.loaded | {name}
+
+    def describe(self):
+        now = time.monotonic()
+        return [{"upstream": u.base, "upstream_state": "up" if u.down_until <= now else "down",
+                 "loaded": sorted(u.loaded)} for u in self.all]
+
+
+def loaded_name(model):
+    """``model`` as /api/ps names it: ``:latest`` added to a name without a tag."""
+    if not isinstance(model, str) or not model.strip():
+        return None
+    model = model.strip()
+    return model if ":" in model.rpartition("/")[2] else model + ":latest"
+
+
 class QueueFull(Exception):
     """QUEUE_MAX waiters are in line already."""
 
@@ -1050,7 +1229,7 @@ class SlotLine:
         with self._locked():
             waiting = self._live()
             if not waiting:
-                slot = slots.try_take(holder)
+                slot = slots.try_take(holder, place)
                 if slot is not None:
                     return slot, None
             if bound is not None and len(waiting) >= bound:
@@ -1065,7 +1244,7 @@ class SlotLine:
             position = order.index(ticket.name) + 1 if ticket.name in order else 1
             if position > 1:
                 return None, position
-            slot = slots.try_take(holder)
+            slot = slots.try_take(holder, ticket.place)
             if slot is None:
                 return None, position
             self._mark_served(ticket.place.get("key"))
@@ -1299,7 +1478,17 @@ def ollama_forward(gateway, exchange, request):
     headers = forwarded_headers(exchange.environ, bool(gateway.config.api_keys))
     if request.decoded:
         headers.pop("Content-Encoding", None)
-    return Forward(gateway.upstream, "ollama", "the upstream", request.method,
+    upstreams = gateway.upstreams
+    if exchange.slot is not None:  # inference: the slot's own Ollama, which now loads the model (or unloads it)
+        upstream = upstreams.of_slot(exchange.slot.index)
+        document = request.document if isinstance(request.document, dict) else {}
+        upstreams.sent(upstream, document.get("model"),
+                       document.get("keep_alive", gateway.config.keep_alive_default))
+    else:
+        upstream = upstreams.first_healthy()
+    exchange.upstream = upstream
+    where = "the upstream" if not upstreams.several else "upstream %d (%s)" % (upstream.index, upstream.base)
+    return Forward(upstream, "ollama", where, request.method,
                    upstream_target(exchange.environ, request.path), headers, body)
 
 
@@ -1343,7 +1532,8 @@ def give_model_its_lifetime(gateway, exchange, request):
     """The /v1 keep_alive load call (see ModelLifetimes)."""
     if not request.path.startswith("/v1/"):
         return
-    document, lifetimes = request.document, gateway.lifetimes
+    document, upstream = request.document, exchange.upstream or gateway.upstream
+    lifetimes = upstream.lifetimes
     keep_alive = document.get("keep_alive", gateway.config.keep_alive_default)
     model = document.get("model")
     if keep_alive in ("", None):
@@ -1356,7 +1546,7 @@ def give_model_its_lifetime(gateway, exchange, request):
     headers = forwarded_headers(exchange.environ, bool(gateway.config.api_keys))
     headers["Content-Type"] = "application/json"
     try:
-        answer = gateway.upstream.send("POST", load_path, headers,
+        answer = upstream.send("POST", load_path, headers,
                                        json.dumps({"model": model, "keep_alive": keep_alive}).encode())
         _ = answer.content  # read it all, so that the connection goes back to the pool
     except requests.RequestException:
@@ -1468,6 +1658,8 @@ def send_upstream(exchange, forward):
     except requests.RequestException as error:
         if exchange.call.reason:
             raise abort_error(exchange)
+        if forward.provider == "ollama" and _caused_by(error, CONNECT_FAILURES):
+            exchange.gateway.upstreams.refused(forward.upstream)  # never sent: the next request goes elsewhere
         raise upstream_error(error, forward.provider, forward.upstream.base, exchange.gateway.retry_after)
 
 
@@ -1475,8 +1667,7 @@ def upstream_error(error, provider, base_url, retry_after=()):
     """Map a requests exception to the one error a client can act on, in
     words a person reads (never a library's repr of its connection pool)."""
     name = UPSTREAM_NAMES.get(provider, provider)
-    if _caused_by(error, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
-                          ConnectionRefusedError, socket.gaierror)):
+    if _caused_by(error, CONNECT_FAILURES):
         return GatewayError(503, "upstream_unreachable", "cannot connect to %s at %s: %s"
                             % (name, base_url, _plain_reason(error)), provider=provider,
                             stage="upstream_unreachable", headers=retry_after)
@@ -1488,6 +1679,9 @@ def upstream_error(error, provider, base_url, retry_after=()):
 
 
 UPSTREAM_NAMES = {"ollama": "Ollama", "openai": "OpenAI"}
+# Failures before anything was sent: the request never reached the upstream.
+CONNECT_FAILURES = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError,
+                    ConnectionRefusedError, socket.gaierror)
 
 
 def _plain_reason(error):
@@ -2155,6 +2349,8 @@ class Exchange:
         self.slot = None
         self.slot_taken_at = None
         self.slot_wait_ms = None
+        self.upstream = None  # the Ollama it was forwarded to (one of Upstreams.all)
+        self.slot_index = None
         self.response = None  # the upstream's response
         self.first_byte_at = None
         self.writing_since = None  # set while gunicorn writes a piece of the answer to the client
@@ -2267,9 +2463,10 @@ class Exchange:
 
     def _free_slot(self):
         slot, self.slot = self.slot, None
+        self.slot_index = slot.index if slot is not None else None  # for the access line
         if slot is not None:
             slot.release()
-            self.gateway.metrics.observe("slot_hold", time.monotonic() - self.slot_taken_at)
+            self.gateway.metrics.observe("slot_hold", time.monotonic() - self.slot_taken_at, str(slot.index))
 
     def _finish_task(self, outcome):
         if outcome.state == FAILED and outcome.stage in UPSTREAM_STAGES:
@@ -2292,8 +2489,10 @@ def upstream_failure(exchange, error):
     if exchange.call.reason:
         return abort_error(exchange)
     gateway = exchange.gateway
-    base = gateway.cloud.base if exchange.provider == "openai" else gateway.upstream.base
-    return upstream_error(error, exchange.provider, base, gateway.retry_after)
+    upstream = gateway.cloud if exchange.provider == "openai" else (exchange.upstream or gateway.upstream)
+    if upstream is exchange.upstream:
+        gateway.upstreams.in_doubt(upstream)  # is it still there? looked at before the next request
+    return upstream_error(error, exchange.provider, upstream.base, gateway.retry_after)
 
 
 def abort_error(exchange):
@@ -2313,7 +2512,9 @@ def access_line(exchange):
         exchange.environ.get("REMOTE_ADDR", "-"), printable(exchange.method), printable(exchange.path),
         exchange.status_code or "-", exchange.task_id or "-", printable(exchange.model) if exchange.model else "-",
         exchange.slot_wait_ms or "-", ttfb, (time.monotonic() - started) * 1000, exchange.bytes_out,
-        exchange.key.name if exchange.key else "-")
+        exchange.key.name if exchange.key else "-") + (
+        " slot=%d upstream=%s" % (exchange.slot_index, exchange.gateway.upstreams.of_slot(exchange.slot_index).base)
+        if exchange.gateway.upstreams.several and exchange.slot_index is not None else "")
 
 
 def printable(text):
@@ -2334,7 +2535,7 @@ def own_route(gateway, exchange):
     if path == "/readyz":
         return readyz(gateway, exchange)
     if path == "/slots" and method == "GET":
-        return exchange.answer(200, slots_seen_by(exchange.key, gateway.slots))
+        return exchange.answer(200, seen_by(exchange.key, describe_slots(gateway)))
     if path == "/tasks/status" and method == "GET":
         return list_tasks(gateway, exchange)
     if path.startswith("/tasks/status/") and method == "GET":
@@ -2349,10 +2550,9 @@ def own_route(gateway, exchange):
     raise GatewayError(404, "not_found", "no route for %s %s" % (method, printable(path)))
 
 
-def slots_seen_by(key, slots):
-    """/slots: every slot and the queue; a key that is not admin sees the
-    task ids, models and key names of its own tasks only."""
-    seen = {"slots": slots.describe(), "queue": slots.line.describe()}
+def seen_by(key, seen):
+    """/slots as ``key`` may see it: a key that is not admin sees the task
+    ids, models and key names of its own tasks only."""
     if key is not None and not key.admin:
         for entry in seen["slots"] + seen["queue"]:
             if entry.get("key") != key.name:
@@ -2362,27 +2562,54 @@ def slots_seen_by(key, slots):
 
 
 def readyz(gateway, exchange):
-    """200 when the upstream answers /api/version and the store answers."""
-    problems = []
-    try:
-        answer = gateway.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-readyz"}, timeout=(1.0, 1.0))
-        _ = answer.content  # read it all, so that the connection goes back to the pool
-        if answer.status_code >= 500:
-            problems.append(("upstream", "the upstream answered %d to /api/version" % answer.status_code))
-    except requests.RequestException as error:
-        problems.append(("upstream", upstream_error(error, "ollama", gateway.upstream.base).message))
+    """200 when the upstream answers /api/version and the store answers.
+    With several upstreams: each is listed, and one that answers is enough."""
+    problems, upstreams = [], []
+    for upstream in gateway.upstreams.all:
+        problem = upstream_problem(gateway, upstream)
+        upstreams.append({"upstream": upstream.base, "state": "down" if problem else "up",
+                          **({"error": problem} if problem else {})})
+    if all(u["state"] == "down" for u in upstreams):
+        problems.append(("upstream", "; ".join(u["error"] for u in upstreams)))
+    shown = {"upstreams": upstreams} if gateway.upstreams.several else {}
     try:
         gateway.board.query("ping")
     except status.StoreUnavailable as error:
         problems.append((error.provider, str(error)))
     if not problems:
-        return exchange.answer(200, {"status": "ready", "store": gateway.board.provider})
+        return exchange.answer(200, {"status": "ready", "store": gateway.board.provider, **shown})
     message = "not ready: " + "; ".join(p[1] for p in problems)
     upstream_first = problems[0][0] == "upstream"
     error = GatewayError(503, "upstream_unreachable" if upstream_first else "store_unavailable", message,
                          provider="ollama" if upstream_first else problems[0][0],
                          headers=[("X-Not-Ready", ", ".join(p[0] for p in problems))])
     return exchange.fail(error)
+
+
+def upstream_problem(gateway, upstream):
+    """None when ``upstream`` answers /api/version, else what is wrong, in
+    words; a refusal also marks it down (``Upstreams.refused``)."""
+    try:
+        answer = upstream.send("GET", "/api/version", {"User-Agent": "edgegate-readyz"}, timeout=(1.0, 1.0))
+        _ = answer.content  # read it all, so that the connection goes back to the pool
+    except requests.RequestException as error:
+        if _caused_by(error, CONNECT_FAILURES):
+            gateway.upstreams.refused(upstream)
+        return upstream_error(error, "ollama", upstream.base).message
+    if answer.status_code >= 500:
+        where = "the upstream" if not gateway.upstreams.several else "the upstream at %s" % upstream.base
+        return "%s answered %d to /api/version" % (where, answer.status_code)
+    return None
+
+
+def describe_slots(gateway):
+    """/slots: each slot (with several upstreams: its upstream, whether it is
+    up, and what its Ollama has loaded), and the line."""
+    slots = gateway.slots.describe()
+    if gateway.upstreams.several:
+        for entry, upstream in zip(slots, gateway.upstreams.describe()):
+            entry.update(upstream)
+    return {"slots": slots, "queue": gateway.slots.line.describe()}
 
 
 def known_task(gateway, exchange, wanted):
@@ -2481,8 +2708,8 @@ class Metrics:
                                      **own)
         self.slot_wait = prom.Histogram("edgegate_slot_wait_seconds", "Time spent waiting for a GPU slot",
                                         buckets=seconds, **own)
-        self.slot_hold = prom.Histogram("edgegate_slot_hold_seconds", "Time a GPU slot was held", buckets=seconds,
-                                        **own)
+        self.slot_hold = prom.Histogram("edgegate_slot_hold_seconds", "Time a GPU slot was held, by slot",
+                                        ["slot"], buckets=seconds, **own)
         self.ttft = prom.Histogram("edgegate_time_to_first_token_seconds",
                                    "From a request's arrival to the upstream's first body byte", buckets=seconds,
                                    **own)
@@ -2507,9 +2734,10 @@ class Metrics:
                 route = "inference"
             self.requests.labels(route, str(status_code or "-"), key.name if key else "-").inc()
 
-    def observe(self, histogram, seconds):
+    def observe(self, histogram, seconds, label=None):
         if self.enabled:
-            getattr(self, histogram).observe(seconds)
+            metric = getattr(self, histogram)
+            (metric if label is None else metric.labels(label)).observe(seconds)
 
     def count(self, counter, label=None):
         if self.enabled:
@@ -2772,16 +3000,17 @@ def check(gateway, out=sys.stdout):
     print("configuration:", file=out)
     for name, value in _masked(gateway.config).items():
         print("  %-22s %s" % (name, value), file=out)
-    try:
-        answer = gateway.upstream.send("GET", "/api/version", {"User-Agent": "edgegate-check"}, timeout=(2, 2))
-        print("upstream:  %s answered %d %s" % (gateway.config.upstream_base, answer.status_code,
-                                                answer.text.strip()[:80]), file=out)
-        ok = ok and answer.status_code < 400
-    except requests.RequestException as error:
-        print("upstream:  %s does NOT answer: %s" % (gateway.config.upstream_base,
-                                                     upstream_error(error, "ollama", gateway.upstream.base).message),
-              file=out)
-        ok = False
+    for upstream in gateway.upstreams.all:  # one per GPU when there are several
+        try:
+            answer = upstream.send("GET", "/api/version", {"User-Agent": "edgegate-check"}, timeout=(2, 2))
+            print("upstream:  %s answered %d %s" % (upstream.base, answer.status_code,
+                                                    answer.text.strip()[:80]), file=out)
+            ok = ok and answer.status_code < 400
+        except requests.RequestException as error:
+            print("upstream:  %s does NOT answer: %s" % (upstream.base,
+                                                         upstream_error(error, "ollama", upstream.base).message),
+                  file=out)
+            ok = False
     store = status.open_store(gateway.config)
     try:
         store.ping()
@@ -2814,8 +3043,9 @@ class Hold:
     UNLOAD_TIMEOUT_S = 30.0
     BUSY_EXIT = 75
 
-    def __init__(self, gateway, command, wait_s=None):
+    def __init__(self, gateway, command, wait_s=None, slots=None):
         self.gateway, self.command, self.wait_s = gateway, command, wait_s
+        self.wanted = slots  # None: any one slot; else these slots, each taken in turn (--slot N, --all)
         config = gateway.config
         self.board = status.TaskBoard(status.open_store(config))
         self.task = status.Task(self.board, "hold-%d-%s" % (os.getpid(), uuid.uuid4().hex[:8]),
@@ -2828,34 +3058,40 @@ class Hold:
     def run(self):
         self.task.claim()
         threading.Thread(target=self._heartbeat, name="edgegate-hold", daemon=True).start()
-        slot = None
+        taken = []
         try:
-            slot = self._take()
+            deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
+            for wanted in ([None] if self.wanted is None else [[n] for n in self.wanted]):
+                slot = self._take(wanted, deadline)
+                if slot is None:
+                    break
+                taken.append(slot)
             if slot is None:
                 why = "cancelled by DELETE" if self.cancelled else "no GPU slot within %s s" % self.wait_s
                 self.task.finish(FAILED, "cancelled" if self.cancelled else "gpu_busy", why)
                 print("edgegate hold: %s" % why, file=sys.stderr)
                 return self.BUSY_EXIT
             self.task.set(RUNNING, "unloading", "asking Ollama to unload its models")
-            self._unload_models()
+            for upstream in {self.gateway.upstreams.of_slot(slot.index).base: self.gateway.upstreams.of_slot(
+                    slot.index) for slot in taken}.values():  # only the Ollama(s) whose slot it holds
+                self._unload_models(upstream)
             return self._run_command()
         except SystemExit:  # a signal while it waited (``signalled``)
             self.task.finish(FAILED, "cancelled", "stopped by a signal")
             raise
         finally:
             self.stop.set()
-            if slot is not None:
+            for slot in taken:
                 slot.release()
 
-    def _take(self):
+    def _take(self, wanted, deadline):
         now = round(time.time(), 3)
         holder = {"pid": os.getpid(), "task_id": self.task.task_id, "path": "hold", "since": now}
-        place = dict(holder, model=self.task.extensions["model"], key="hold")
+        place = dict(holder, model=self.task.extensions["model"], key="hold", slots=wanted)
         line = self.gateway.slots.line
         slot, ticket = line.join(place, holder, self.gateway.slots)
         if slot is not None:
             return slot
-        deadline = None if self.wait_s is None else time.monotonic() + self.wait_s
         try:
             return wait_turn(self.gateway.slots, ticket, holder, deadline,
                              moved=lambda position: self.task.set(queue_position=position or None),
@@ -2863,16 +3099,16 @@ class Hold:
         finally:
             line.leave(ticket)
 
-    def _unload_models(self):
-        upstream, deadline = self.gateway.upstream, time.monotonic() + self.UNLOAD_TIMEOUT_S
+    def _unload_models(self, upstream):
+        deadline = time.monotonic() + self.UNLOAD_TIMEOUT_S
         try:
-            loaded = self._loaded()
+            loaded = self._loaded(upstream)
             for model in loaded:
                 body = json.dumps({"model": model, "keep_alive": 0}).encode()
                 upstream.send("POST", "/api/generate", {"Content-Type": "application/json"}, body).close()
             while loaded and time.monotonic() < deadline:
                 time.sleep(0.1)
-                loaded = self._loaded()
+                loaded = self._loaded(upstream)
         except (requests.RequestException, ValueError) as error:
             print("edgegate hold: could not ask Ollama to unload (%s); running the command anyway"
                   % _short(error), file=sys.stderr)
@@ -2881,8 +3117,8 @@ class Hold:
             print("edgegate hold: still loaded after %.0f s: %s; running the command anyway"
                   % (self.UNLOAD_TIMEOUT_S, ", ".join(loaded)), file=sys.stderr)
 
-    def _loaded(self):
-        answer = self.gateway.upstream.send("GET", "/api/ps", {"User-Agent": "edgegate-hold"}, timeout=(2, 5))
+    def _loaded(self, upstream):
+        answer = upstream.send("GET", "/api/ps", {"User-Agent": "edgegate-hold"}, timeout=(2, 5))
         return [m.get("name") or m.get("model") for m in answer.json().get("models", [])]
 
     def _run_command(self):
@@ -2923,23 +3159,36 @@ class Hold:
 
 
 def hold_command(gateway, argv):
-    """Parse ``[--wait SECONDS] -- COMMAND ARGS...`` and run a Hold."""
-    wait_s = None
-    if argv[:1] == ["--wait"] and len(argv) > 1:
-        try:
-            wait_s = float(argv[1])
-        except ValueError:
-            wait_s = -1
-        if wait_s < 0:
-            print("edgegate hold: --wait expects seconds, got %r" % argv[1], file=sys.stderr)
-            return 2
+    """Parse ``[--wait SECONDS] [--slot N | --all] -- COMMAND ARGS...`` and run a Hold."""
+    wait_s, slots, count = None, None, gateway.config.gpu_slots
+    while argv[:1] in (["--wait"], ["--slot"], ["--all"]):
+        if argv[0] == "--all":
+            slots, argv = list(range(count)), argv[1:]
+            continue
+        if len(argv) < 2:
+            break
+        if argv[0] == "--slot":
+            if not argv[1].isdigit() or int(argv[1]) >= count:
+                print("edgegate hold: --slot expects a slot number from 0 to %d, got %r" % (count - 1, argv[1]),
+                      file=sys.stderr)
+                return 2
+            slots = [int(argv[1])]
+        else:
+            try:
+                wait_s = float(argv[1])
+            except ValueError:
+                wait_s = -1
+            if wait_s < 0:
+                print("edgegate hold: --wait expects seconds, got %r" % argv[1], file=sys.stderr)
+                return 2
         argv = argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python -m gateway hold [--wait SECONDS] -- COMMAND ARGS...", file=sys.stderr)
+        print("usage: python -m gateway hold [--wait SECONDS] [--slot N | --all] -- COMMAND ARGS...",
+              file=sys.stderr)
         return 2
-    hold = Hold(gateway, argv, wait_s)
+    hold = Hold(gateway, argv, wait_s, slots)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, hold.signalled)
     return hold.run()
@@ -2949,6 +3198,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["hold"]:
         raise SystemExit(hold_command(app, sys.argv[2:]))
     if sys.argv[1:] != ["check"]:
-        print("usage: python -m gateway check | hold [--wait SECONDS] -- COMMAND ARGS...", file=sys.stderr)
+        print("usage: python -m gateway check | hold [--wait SECONDS] [--slot N | --all] -- COMMAND ARGS...",
+              file=sys.stderr)
         raise SystemExit(2)
     raise SystemExit(check(app))
