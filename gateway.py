@@ -1687,20 +1687,14 @@ CONNECT_FAILURES = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.Co
 def _plain_reason(error):
     """What went wrong, said plainly: the operating system's words for the
     innermost socket error, else the innermost message."""
-    pending, seen, innermost = [error], set(), error
-    while pending:
-        error = pending.pop()
-        if not isinstance(error, BaseException) or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, socket.gaierror):
+    innermost = error
+    for link in _chain(error):
+        if isinstance(link, socket.gaierror):
             return "the host name does not resolve"
-        if isinstance(error, OSError) and error.strerror:
-            return error.strerror[:1].lower() + error.strerror[1:]
-        if isinstance(error, (http.client.RemoteDisconnected, urllib3.exceptions.ProtocolError)) or not error.args:
-            innermost = error
-        pending.extend(a for a in error.args[:1] if isinstance(a, BaseException))
-        pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__])
+        if isinstance(link, OSError) and link.strerror:
+            return link.strerror[:1].lower() + link.strerror[1:]
+        if isinstance(link, (http.client.RemoteDisconnected, urllib3.exceptions.ProtocolError)) or not link.args:
+            innermost = link
     if isinstance(innermost, http.client.RemoteDisconnected):
         return "it closed the connection without answering"
     if _caused_by(innermost, (http.client.IncompleteRead, urllib3.exceptions.IncompleteRead,
@@ -1710,20 +1704,24 @@ def _plain_reason(error):
     return re.sub(r"<[^>]*object at 0x[0-9a-f]+>: ?", "", text)[:200] or type(innermost).__name__
 
 
-def _caused_by(error, kinds):
-    """Whether ``kinds`` is anywhere in the chain requests and urllib3 wrap
-    around a failure (arguments, ``reason``, ``__cause__``, ``__context__``)."""
+def _chain(error):
+    """Every exception in the chain requests and urllib3 wrap around a
+    failure (first argument, ``reason``, ``__cause__``, ``__context__``),
+    outermost first."""
     pending, seen = [error], set()
     while pending:
         error = pending.pop()
         if not isinstance(error, BaseException) or id(error) in seen:
             continue
-        if isinstance(error, kinds):
-            return True
         seen.add(id(error))
+        yield error
         pending.extend(error.args[:1])
         pending.extend([getattr(error, "reason", None), error.__cause__, error.__context__])
-    return False
+
+
+def _caused_by(error, kinds):
+    """Whether ``kinds`` is anywhere in the chain around a failure."""
+    return any(isinstance(link, kinds) for link in _chain(error))
 
 
 def _short(error):
