@@ -3,12 +3,10 @@
 hanging up or by DELETE, fair between keys, and that a waiter killed with
 kill -9 never blocks."""
 
-import fcntl
 import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,18 +16,9 @@ import pytest
 import requests
 
 from conftest import REPO, gateway_error, wait_until
+from test_slot_and_cancel import raw_request
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
-
-
-def raw_request(gateway, path, body, headers=()):
-    """A client on a bare socket, so the test decides when it hangs up."""
-    sock = socket.create_connection(("127.0.0.1", gateway.port))
-    data = json.dumps(body).encode()
-    head = ["POST %s HTTP/1.1" % path, "Host: x", "Content-Type: application/json",
-            "Content-Length: %d" % len(data)] + ["%s: %s" % h for h in headers]
-    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
-    return sock
 
 
 ADMIN = {"Authorization": "Bearer admin-key"}  # the admin key of the fair gateway; the others ignore it
