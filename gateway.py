@@ -927,26 +927,20 @@ def queued_stream_event(document):
 
 
 class Slot:
-    """One held GPU slot: an open lock file with an exclusive flock on it."""
+    """One held GPU slot: a lock file's descriptor with an exclusive flock on it."""
 
-    def __init__(self, index, fd, on_release=None):
+    def __init__(self, index, fd, on_release):
         self.index = index
         self.fd = fd
         self.taken_at = time.monotonic()
         self.on_release = on_release
 
     def release(self):
-        """Blank the holder record, then close: closing drops the lock. Then
-        the line hears of it (``GpuSlots._released``)."""
+        """Drop the lock; the descriptor is kept for the next hold, and the
+        line hears of it (``GpuSlots._released``). Only the first call counts."""
         fd, self.fd = self.fd, None
-        if fd is None:
-            return
-        try:
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)
-            if self.on_release is not None:
-                self.on_release(self)
+        if fd is not None:
+            self.on_release(self, fd)
 
 
 class GpuSlots:
@@ -956,16 +950,29 @@ class GpuSlots:
     Why flock and not a Redis lock: the kernel drops a flock when its holder
     dies, even on SIGKILL, so a crashed worker can never wedge the GPU, and
     any other program on the box (ASR, TTS, ``flock(1)``) can take part
-    without talking to us. The lock belongs to the open file description, so
-    every acquisition opens the file afresh in the thread that holds it; a
-    descriptor shared across fork or threads would exclude nothing.
+    without talking to us. The lock belongs to the open file description:
+    two descriptors opened apart exclude each other, even in one thread,
+    while one shared across fork or by two holders would exclude nothing.
+    So each hold uses a descriptor this process opened and nobody else
+    uses meanwhile; a released one is kept for the next hold of that slot
+    (one ``open`` and ``close`` less per request), never across a fork.
+
+    The holder record (JSON: pid, task id, path, since) is written over the
+    file's start when the lock is taken, and left there when it goes: the
+    kernel's lock table says whether the slot is held, and a record counts
+    only when its pid is the lock's (``describe``).
     """
+
+    KEEP_PER_SLOT = 4  # released descriptors kept per slot, for holds at once in this process
 
     def __init__(self, lock_dir, count, choose=None):
         self.paths = [os.path.join(lock_dir, "slot-%d.lock" % n) for n in range(count)]
         self.line = SlotLine(lock_dir)
         self.holds = collections.deque(maxlen=32)  # this process's recent hold times, for Retry-After
         self.choose = choose  # several upstreams: (slot indexes, place) -> the order to try them in
+        self.held_here = set()  # indexes this process holds: not worth a try
+        self._kept = {}  # index -> [released descriptors]
+        self._kept_pid = os.getpid()
 
     def try_take(self, holder, place=None):
         """The first free slot of those ``place`` may have (``place["slots"]``:
@@ -976,23 +983,61 @@ class GpuSlots:
             indexes = [i for i in place["slots"] if 0 <= i < len(self.paths)]
         if self.choose is not None:
             indexes = self.choose(indexes, place or {})
+        record = None
         for index in indexes:
-            path = self.paths[index]
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if index in self.held_here:
+                continue
+            fd = self._descriptor(index)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                os.close(fd)
+                self._keep(index, fd)
                 continue
             except BaseException:
                 os.close(fd)
                 raise
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            self.held_here.add(index)
+            try:
+                if record is None:
+                    record = json.dumps(holder).encode()
+                os.pwrite(fd, record + b" " * (RECORD_BYTES - len(record)), 0)
+            except BaseException:
+                self._released(Slot(index, fd, None), fd)
+                raise
             return Slot(index, fd, self._released)
         return None
 
-    def _released(self, slot):
+    def _descriptor(self, index):
+        """A descriptor of slot ``index``'s lock file that nobody uses: one
+        kept from an earlier hold in this process, else a new one."""
+        pid = os.getpid()
+        if pid != self._kept_pid:  # forked: the parent's descriptors would share its locks
+            self._kept, self._kept_pid = {}, pid
+        kept = self._kept.get(index)
+        if kept:
+            try:
+                return kept.pop()
+            except IndexError:  # another thread took the last one
+                pass
+        return os.open(self.paths[index], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _keep(self, index, fd):
+        kept = self._kept.setdefault(index, [])
+        if len(kept) < self.KEEP_PER_SLOT and self._kept_pid == os.getpid():
+            kept.append(fd)
+        else:
+            os.close(fd)
+
+    def _released(self, slot, fd):
+        """Drop ``slot``'s lock (closing the descriptor if that fails), then
+        wake the line: the next waiter may have it."""
+        self.held_here.discard(slot.index)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            os.close(fd)  # closing drops the lock too
+        else:
+            self._keep(slot.index, fd)
         self.holds.append(time.monotonic() - slot.taken_at)
         try:
             self.line.wake_all()
@@ -1027,14 +1072,11 @@ class GpuSlots:
                 pid = locked.get((None, None, st.st_ino))
             if pid is not None:
                 entry.update(state="held", pid=pid)
-                try:
-                    with open(path, encoding="utf-8") as f:
-                        record = json.loads(f.read() or "{}")
-                except (OSError, ValueError):
-                    record = {}
-                # Another program that takes the lock (flock(1)) may write
-                # nothing; the kernel's pid stands then.
-                entry.update({k: record[k] for k in ("pid", "task_id", "path", "since", "key") if k in record})
+                record = holder_record(path)
+                # A record left by an earlier holder, or none (flock(1)
+                # writes nothing): the kernel's pid stands alone then.
+                if record.get("pid") == pid:
+                    entry.update({k: record[k] for k in ("task_id", "path", "since", "key") if k in record})
             slots.append(entry)
         return slots
 
@@ -1421,6 +1463,21 @@ def _unlink(*paths):
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+RECORD_BYTES = 512  # a holder record is padded to this, so that a shorter one leaves no tail of the last
+
+
+def holder_record(path):
+    """The JSON object at the start of a slot's lock file ({} if none):
+    what follows it is padding, or the tail of a longer earlier record."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(4096).lstrip()
+        record, _ = json.JSONDecoder().raw_decode(text)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _flock_holders():
@@ -1825,10 +1882,51 @@ class WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = WatchedHTTPSConnection
 
 
+class UpstreamRequest(requests.PreparedRequest):
+    """A request to one upstream, built by ``Upstream.send``: ``path_url`` is
+    the target as the gateway checked it, not parsed again out of ``url``."""
+
+    path_url = None
+
+
 class WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' transport to one upstream, for one thread, with the work
+    that is the same for every request done once (#14: it was a sixth of
+    the upstream call). ``HTTPAdapter.send`` calls these hooks, which requests
+    exposes for subclasses (``requests/adapters.py``):
+
+    - ``get_connection_with_tls_context``: the one connection pool of this
+      upstream, looked up once (requests parses the URL, looks for proxies
+      and builds the pool key on every request);
+    - ``request_url``: the target as checked; no proxy is ever used;
+    - ``build_response``: requests' own, less the cookie jar: a proxy keeps
+      no cookies, and parsing for them cost as much as the rest of it.
+    """
+
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": WatchedPool, "https": WatchedHTTPSPool}
+        self._pool = None
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        if self._pool is None:
+            self._pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+        return self._pool
+
+    def request_url(self, request, proxies):
+        return request.path_url
+
+    def build_response(self, req, resp):
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = requests.structures.CaseInsensitiveDict(resp.headers)
+        response.encoding = requests.utils.get_encoding_from_headers(response.headers)
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
 
 
 class Upstream:
@@ -1846,7 +1944,7 @@ class Upstream:
 
     def __init__(self, base, connect_timeout_s, read_timeout_s, retries):
         self.base = base
-        self.timeout = (connect_timeout_s, read_timeout_s)
+        self.timeout = urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s)  # taken as it is by requests
         self.retries = retries
         self._local = threading.local()
 
@@ -1864,9 +1962,10 @@ class Upstream:
         """The upstream's response, its body not yet read. Raises
         ``requests.RequestException`` (an OSError: never let one escape
         to gunicorn, which would drop the client without an answer)."""
-        request = requests.PreparedRequest()
+        request = UpstreamRequest()
         request.method = method
         request.url = self.base + target
+        request.path_url = target
         request.headers = requests.structures.CaseInsensitiveDict(headers)
         if body is not None:
             request.headers["Content-Length"] = str(len(body))

@@ -133,6 +133,44 @@ def test_killing_the_holding_worker_frees_the_slot(gateway, stub):
         sock.close()
 
 
+def test_a_record_left_by_an_earlier_holder_is_not_shown_for_flock1(gateway, stub):
+    """The gateway leaves its holder record in the lock file when it lets go
+    (one write less per request); /slots must not show that old task as the
+    holder when flock(1), which writes nothing, takes the lock next."""
+    answer = gateway.post("/api/chat", json=dict(CHAT, stream=False), headers={"X-Task-Id": "earlier-1"})
+    assert answer.status_code == 200
+    lock_file = os.path.join(gateway.state_dir, "locks", "slot-0.lock")
+    with open(lock_file) as f:
+        assert "earlier-1" in f.read()  # the old record is still there
+    assert gateway.slots()[0]["state"] == "free"
+    other = subprocess.Popen(["flock", "-n", lock_file, "sleep", "30"], start_new_session=True)
+    try:
+        assert wait_until(lambda: gateway.slots()[0]["state"] == "held", 5)
+        [slot] = gateway.slots()
+        assert slot["pid"] == other.pid and "task_id" not in slot and "path" not in slot
+        refused = gateway.post("/api/chat", json=CHAT)
+        assert refused.status_code == 503
+        assert "earlier-1" not in gateway_error(refused)["message"]
+        assert "pid %d" % other.pid in gateway_error(refused)["message"]
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait()
+    assert gateway.wait_slot_free()
+
+
+def test_a_shorter_record_replaces_a_longer_one_whole(start_gateway, stub):
+    gateway = start_gateway()
+    long_id = "long-" + "x" * 120
+    assert gateway.post("/api/chat", json=dict(CHAT, stream=False), headers={"X-Task-Id": long_id}).status_code == 200
+    sock = hold_slot(gateway, stub, "short-1")
+    try:
+        [slot] = gateway.slots()
+        assert slot["task_id"] == "short-1" and slot["path"] == "/api/chat"
+    finally:
+        sock.close()
+    assert gateway.wait_slot_free()
+
+
 def test_another_program_holding_the_lock_with_flock1_makes_requests_wait(gateway, stub):
     lock_file = os.path.join(gateway.state_dir, "locks", "slot-0.lock")
     other = subprocess.Popen(["flock", "-n", lock_file, "sleep", "30"], start_new_session=True)
