@@ -586,10 +586,8 @@ class BufferingWorker(ThreadWorker):
         answer = refusal.response(path, with_body=method != "HEAD")
         sent = self.send_quietly(conn.sock, answer)
         started = arriving.started if arriving is not None else time.monotonic()
-        # The same one line as every request (gateway.access_line), values escaped.
-        gateway.access_log.info('%s "%s %s" %d task=- model=- slot_wait_ms=- ttfb_ms=- duration_ms=%d bytes=%d' % (
-            conn.address or "-", gateway.printable(method), gateway.printable(path), refusal.status,
-            (time.monotonic() - started) * 1000, max(sent, 0)))
+        gateway.access_log.write(gateway.access_line(conn.address, method, path, refusal.status, started,
+                                                     bytes_out=max(sent, 0)))
         self.close(conn, graceful=True)
 
     def send_quietly(self, sock, data):

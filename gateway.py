@@ -31,6 +31,7 @@ import dataclasses
 import email.parser
 import email.policy
 import fcntl
+import functools
 import hashlib
 import hmac
 import http.client
@@ -63,7 +64,6 @@ import status
 from status import FAILED, RUNNING, SUCCESS
 
 log = logging.getLogger("edgegate")
-access_log = logging.getLogger("edgegate.access")  # one line per request, written by Exchange.close
 
 # ================================================================ 1. configuration
 
@@ -1637,16 +1637,22 @@ def keep_alive_seconds(value):
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = DURATION_PART_RE.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                return None
-            seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+        return _duration_text_seconds(value)
     else:
         return None
+    return float("inf") if seconds < 0 else seconds
+
+
+@functools.lru_cache(maxsize=256)  # read twice per /v1 request, and nearly always the same few texts
+def _duration_text_seconds(value):
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = DURATION_PART_RE.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            return None
+        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
     return float("inf") if seconds < 0 else seconds
 
 
@@ -2536,7 +2542,7 @@ class Exchange:
             if self.task is not None:
                 self.gateway.watcher.unwatch(self)
                 self._finish_task(outcome or Outcome.of(abort_error(self)))
-            access_log.info(access_line(self))
+            access_log.write(exchange_access_line(self))
 
     def _quietly(self, step):
         """A step of the ending; a failure is logged, never raised into an answer already started."""
@@ -2600,18 +2606,54 @@ def abort_error(exchange):
     return GatewayError(503, "cancelled", "the client went away", stage="cancelled")
 
 
-def access_line(exchange):
+class AccessLog:
+    """The access log: one line per request, on the stream gunicorn.conf.py
+    names (``to``: stdout), and nowhere before that. Each line is one
+    ``write(2)`` of its own instead of a ``logging`` record, whose making
+    (caller lookup, thread and process names, the handler's lock) cost more
+    than the rest of a request's ending; a line shorter than PIPE_BUF never
+    interleaves with another worker's. A failed write (stdout closed, disk
+    full) loses the line, never the request."""
+
+    def __init__(self):
+        self.fd = None
+
+    def to(self, stream):
+        self.fd = stream.fileno()
+
+    def write(self, line):
+        if self.fd is not None:
+            try:
+                os.write(self.fd, line.encode("ascii", "backslashreplace") + b"\n")
+            except OSError:
+                pass
+
+
+access_log = AccessLog()
+
+
+def access_line(remote_addr, method, path, status_code, started, task_id=None, model=None, slot_wait_ms=None,
+                ttfb_ms=None, bytes_out=0, key_name=None, where=""):
     """One line, never a prompt, a completion, a key or a query string;
-    every value from the request escaped, so that it stays one line."""
+    every value from the request escaped, so that it stays one line. The
+    worker's own refusals (``edgegate_worker.py``) are written with it too."""
+    return '%s "%s %s" %s task=%s model=%s slot_wait_ms=%s ttfb_ms=%s duration_ms=%d bytes=%d key=%s%s' % (
+        remote_addr or "-", printable(method), printable(path), status_code or "-", task_id or "-",
+        printable(model) if model else "-", slot_wait_ms or "-", ttfb_ms or "-",
+        (time.monotonic() - started) * 1000, bytes_out, key_name or "-", where)
+
+
+def exchange_access_line(exchange):
     started = exchange.started
-    ttfb = "%.1f" % ((exchange.first_byte_at - started) * 1000) if exchange.first_byte_at else "-"
-    return '%s "%s %s" %s task=%s model=%s slot_wait_ms=%s ttfb_ms=%s duration_ms=%d bytes=%d key=%s' % (
-        exchange.environ.get("REMOTE_ADDR", "-"), printable(exchange.method), printable(exchange.path),
-        exchange.status_code or "-", exchange.task_id or "-", printable(exchange.model) if exchange.model else "-",
-        exchange.slot_wait_ms or "-", ttfb, (time.monotonic() - started) * 1000, exchange.bytes_out,
-        exchange.key.name if exchange.key else "-") + (
-        " slot=%d upstream=%s" % (exchange.slot_index, exchange.gateway.upstreams.of_slot(exchange.slot_index).base)
-        if exchange.gateway.upstreams.several and exchange.slot_index is not None else "")
+    gateway = exchange.gateway
+    where = ""
+    if gateway.upstreams.several and exchange.slot_index is not None:
+        where = " slot=%d upstream=%s" % (exchange.slot_index, gateway.upstreams.of_slot(exchange.slot_index).base)
+    return access_line(
+        exchange.environ.get("REMOTE_ADDR"), exchange.method, exchange.path, exchange.status_code, started,
+        exchange.task_id, exchange.model, exchange.slot_wait_ms,
+        "%.1f" % ((exchange.first_byte_at - started) * 1000) if exchange.first_byte_at else None,
+        exchange.bytes_out, exchange.key.name if exchange.key else None, where)
 
 
 def printable(text):

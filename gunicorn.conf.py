@@ -10,9 +10,9 @@ import os
 import shutil
 import sys
 
-from gateway import load_config
+import gateway
 
-edgegate = load_config()  # not "config": that name is a gunicorn setting
+edgegate = gateway.load_config()  # not "config": that name is a gunicorn setting
 
 bind = edgegate.bind  # GATEWAY_BIND, default 0.0.0.0:11535
 workers = edgegate.workers  # WORKERS: processes; the GPU slot is shared by all of them
@@ -75,12 +75,7 @@ def post_fork(server, worker):
     gateway_log.handlers = server.log.error_log.handlers
     gateway_log.setLevel(logging.INFO)
     gateway_log.propagate = False
-    access_log = logging.getLogger("edgegate.access")
-    access_handler = logging.StreamHandler(sys.stdout)
-    access_handler.setFormatter(logging.Formatter("%(message)s"))
-    access_log.handlers = [access_handler]
-    access_log.setLevel(logging.INFO)
-    access_log.propagate = False
+    gateway.access_log.to(sys.stdout)
 
 
 def child_exit(server, worker):

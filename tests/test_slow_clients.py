@@ -7,6 +7,7 @@ connection; and what it refuses never reaches the upstream."""
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -345,6 +346,15 @@ def test_methods_the_apis_do_not_use_get_405(gateway, stub, method):
     assert answer.error()["code"] == "method_not_allowed"
     assert answer.headers["allow"] == "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
     assert stub.received == []
+
+
+def test_a_refusal_by_the_worker_is_logged_in_the_same_one_line_as_every_request(gateway, stub):
+    answer, _ = exchange(gateway, b"PROPFIND /api/refused-here HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.status == 405
+    assert wait_until(lambda: "/api/refused-here" in gateway.read_log(), 3)
+    [line] = [line for line in gateway.read_log().splitlines() if "/api/refused-here" in line]
+    assert re.fullmatch(r'127\.0\.0\.1 "PROPFIND /api/refused-here" 405 task=- model=- slot_wait_ms=- ttfb_ms=- '
+                        r'duration_ms=\d+ bytes=\d+ key=-', line), line
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
