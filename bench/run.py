@@ -1,10 +1,13 @@
 """What edgegate costs, measured the way users compare gateways: the same
 work directly against the stub upstream, through nginx (when installed),
 through an empty WSGI app under edgegate's own gunicorn settings (the floor
-for any gunicorn gateway), through edgegate (SQLite, and Redis when there is
-one) and through the LiteLLM proxy (when installed), in one run.
+for any gunicorn gateway), through a bare forwarding WSGI app under the same
+settings, once with requests and once with http.client (the floor for a
+gunicorn gateway that forwards with that client; --no-bare skips them),
+through edgegate (SQLite, and Redis when there is one) and through the
+LiteLLM proxy (when installed), in one run.
 
-    python bench/run.py              # about 4.5 minutes on 2 cores
+    python bench/run.py              # about 5 minutes on 2 cores (4 without LiteLLM)
     python bench/run.py --quick      # about 1 minute, fewer rounds
     python bench/run.py --litellm /path/to/venv/bin/litellm
 
@@ -211,6 +214,15 @@ def start_edgegate(procs, upstream, name="edgegate", extra_pids=(), **env):
 
 def start_empty(procs, upstream):
     return start_gunicorn(procs, "empty app", ["--pythonpath", "bench", "empty_app:app"], upstream)
+
+
+BARE_PROXIES = {"requests": "bare requests proxy", "http.client": "bare http.client proxy"}
+
+
+def start_bare(procs, upstream, client):
+    """bench/bare_proxy.py forwarding with ``client`` (requests or http.client)."""
+    return start_gunicorn(procs, BARE_PROXIES[client], ["--pythonpath", "bench", "bare_proxy:app"], upstream,
+                          BARE_CLIENT=client)
 
 
 def start_nginx(procs, upstream_port):
@@ -725,6 +737,8 @@ def main():
     parser.add_argument("--litellm", metavar="PATH",
                         help="LiteLLM's `litellm` executable (else $EDGEGATE_BENCH_LITELLM, PATH, or the module)")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM target")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="skip the bare forwarding apps (bench/bare_proxy.py with requests and with http.client)")
     args = parser.parse_args()
     quick = args.quick
     rounds, n = (2, 100) if quick else (5, 400)
@@ -756,6 +770,9 @@ def main():
         else:
             notes.append("nginx not installed: row skipped (apt-get install nginx)")
         targets["empty app"] = start_empty(procs, stub.url)
+        if not args.no_bare:
+            for client, name in BARE_PROXIES.items():
+                targets[name] = start_bare(procs, stub.url, client)
         targets["edgegate"] = start_edgegate(procs, stub.url)
         if redis_url:
             targets["edgegate+redis"] = start_edgegate(procs, stub.url, name="edgegate+redis", REDIS_URL=redis_url,
