@@ -983,6 +983,8 @@ class GpuSlots:
             indexes = [i for i in place["slots"] if 0 <= i < len(self.paths)]
         if self.choose is not None:
             indexes = self.choose(indexes, place or {})
+        if self._kept_pid != os.getpid():  # forked: the parent's descriptors would share its locks
+            self.held_here, self._kept, self._kept_pid = set(), {}, os.getpid()
         record = None
         for index in indexes:
             if index in self.held_here:
@@ -1010,9 +1012,6 @@ class GpuSlots:
     def _descriptor(self, index):
         """A descriptor of slot ``index``'s lock file that nobody uses: one
         kept from an earlier hold in this process, else a new one."""
-        pid = os.getpid()
-        if pid != self._kept_pid:  # forked: the parent's descriptors would share its locks
-            self._kept, self._kept_pid = {}, pid
         kept = self._kept.get(index)
         if kept:
             try:
@@ -1023,7 +1022,7 @@ class GpuSlots:
 
     def _keep(self, index, fd):
         kept = self._kept.setdefault(index, [])
-        if len(kept) < self.KEEP_PER_SLOT and self._kept_pid == os.getpid():
+        if len(kept) < self.KEEP_PER_SLOT:
             kept.append(fd)
         else:
             os.close(fd)
