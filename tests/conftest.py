@@ -71,6 +71,20 @@ def asr_job_holds_the_gpu(gateway, task_id="asr-42"):
         os.close(fd)  # closing the only descriptor drops the flock
 
 
+def non_reading_client(gateway, path, body, headers=()):
+    """A client that asks for a large stream (400 pieces of 64 KiB) and never
+    reads it, on a socket with a small receive buffer: the kernel's buffers
+    fill and the gateway's writes to it block. Returns the socket."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gateway.port))
+    data = json.dumps(body).encode()
+    head = ["POST %s HTTP/1.1" % path, "Host: x"] + ["%s: %s" % h for h in headers] + \
+        ["X-Stub: chunks=400,chunk_bytes=65536", "Content-Length: %d" % len(data)]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    return sock
+
+
 # ---------------------------------------------------------------- stub upstream
 
 
