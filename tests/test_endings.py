@@ -5,14 +5,13 @@ for it, and the request was counted exactly once in /metrics."""
 
 import json
 import re
-import socket
 import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import wait_until
+from conftest import non_reading_client, wait_until
 from test_slot_and_cancel import CHAT, hold_slot, raw_request
 
 
@@ -86,12 +85,7 @@ def cancelled_by_delete(gateway, stub, task_id):
 
 
 def slow_reader_dropped(gateway, stub, task_id):
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gateway.port))
-    body = json.dumps(CHAT).encode()
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Task-Id: %s\r\nX-Stub: chunks=400,chunk_bytes=65536\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (task_id.encode(), len(body), body))
+    sock = non_reading_client(gateway, "/api/chat", CHAT, [("X-Task-Id", task_id)])
     assert wait_until(lambda: gateway.slots()[0]["state"] == "free", 25), "the slow reader was never dropped"
     sock.close()
     return ("FAILED", "cancelled"), True

@@ -16,7 +16,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import free_port, gateway_error, wait_until
+from conftest import free_port, gateway_error, non_reading_client, wait_until
 from test_slot_and_cancel import CHAT, raw_request
 
 SMALL = dict(CHAT, stream=False)
@@ -251,12 +251,7 @@ def test_slow_reader_is_dropped_without_buffering_for_it(gw, stub):
             return int(next(line.split()[1] for line in f if line.startswith("VmRSS:"))) / 1024
 
     before = rss_mb()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gw.port))
-    body = json.dumps(CHAT).encode()
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Task-Id: slow-reader\r\nX-Stub: chunks=400,"
-                 b"chunk_bytes=65536\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock = non_reading_client(gw, "/api/chat", CHAT, [("X-Task-Id", "slow-reader")])
     # The kernel buffers (megabytes on loopback) fill first, then 2 s of a
     # blocked send drop the client; on a loaded machine filling takes longer.
     assert wait_until(lambda: gw.slots()[0]["state"] == "held", 5)

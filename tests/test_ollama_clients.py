@@ -16,19 +16,16 @@ The clients are the real ones: the ``ollama`` Python package, and the
 ``npm ci --prefix tests/js`` when missing).
 """
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
-import time
 
 import ollama
 import pytest
 import requests
 
-from conftest import free_port
+from conftest import asr_job_holds_the_gpu
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}
 JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
@@ -38,24 +35,6 @@ OLLAMA_SHAPE = {"error", "code", "provider", "task_id"}
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def asr_job_holds_the_gpu(gateway, task_id="asr-42"):
-    """Another GPU program on the box takes the slot, as the README shows:
-    an flock on ``slot-0.lock`` and a holder record naming its job."""
-    lock_dir = os.path.join(gateway.state_dir, "locks")
-    os.makedirs(lock_dir, exist_ok=True)
-    fd = os.open(os.path.join(lock_dir, "slot-0.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "task_id": task_id, "path": "asr",
-                                 "since": time.time()}).encode())
-        yield
-    finally:
-        os.ftruncate(fd, 0)
-        os.close(fd)
 
 
 def ollama_client(url, **headers):
@@ -109,18 +88,8 @@ def assert_openai_envelope(answer, status, code, provider="gateway"):
 
 
 @pytest.fixture(scope="module")
-def keyed_gateway(start_gateway):
-    return start_gateway(GATEWAY_API_KEYS="key-one", WORKERS="1")
-
-
-@pytest.fixture(scope="module")
 def small_body_gateway(start_gateway):
     return start_gateway(MAX_BODY_BYTES="1000", WORKERS="1")
-
-
-@pytest.fixture(scope="module")
-def ollama_down_gateway(start_gateway):
-    return start_gateway(UPSTREAM_BASE="http://127.0.0.1:%d" % free_port(), WORKERS="1")
 
 
 # ---------------------------------------------------------------- ollama-python

@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from conftest import gateway_error, wait_until
+from conftest import gateway_error, non_reading_client, wait_until
 from test_slot_and_cancel import CHAT
 
 
@@ -71,12 +71,7 @@ def test_a_stream_cut_mid_way_is_explained_without_a_library_repr(gateway, stub)
 
 
 def test_delete_frees_the_slot_of_a_client_that_does_not_read(gateway, stub):
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", gateway.port))
-    body = json.dumps(CHAT).encode()
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Task-Id: not-reading\r\nX-Stub: chunks=400,"
-                 b"chunk_bytes=65536\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    sock = non_reading_client(gateway, "/api/chat", CHAT, [("X-Task-Id", "not-reading")])
     gateway.wait_state("not-reading", ["RUNNING"])
     time.sleep(1)  # the kernel's buffers fill; gunicorn blocks writing
     cancelled = requests.delete(gateway.url + "/tasks/not-reading", timeout=5)

@@ -18,13 +18,10 @@ Everything is checked from outside: a real gunicorn, the stub Ollama, the
 real SDKs.
 """
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import http.client
 import json
-import os
 import socket
 import time
 import uuid
@@ -37,7 +34,7 @@ import pytest
 import requests
 import zstandard
 
-from conftest import free_port, gateway_error, wait_until
+from conftest import asr_job_holds_the_gpu, gateway_error, wait_until
 
 HI = [{"role": "user", "content": "hi"}]
 # Anthropic's error types (docs.anthropic.com, "Errors"); Ollama's NewError uses the same.
@@ -60,23 +57,6 @@ def task_id(prefix):
 
 def messages_body(model, **extra):
     return dict({"model": model, "max_tokens": 64, "messages": HI}, **extra)
-
-
-@contextlib.contextmanager
-def gpu_held(gateway):
-    """Another GPU program holds the one slot, as the README says they do: an flock."""
-    lock_dir = os.path.join(gateway.state_dir, "locks")
-    os.makedirs(lock_dir, exist_ok=True)
-    fd = os.open(os.path.join(lock_dir, "slot-0.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "task_id": "asr-job", "path": "asr",
-                                 "since": time.time()}).encode())
-        yield
-    finally:
-        os.ftruncate(fd, 0)
-        os.close(fd)  # closing the only descriptor drops the flock
 
 
 def anthropic_error(answer, status, kind):
@@ -154,19 +134,6 @@ def claude(gateway, key="x"):
 
 
 # ---------------------------------------------------------------- gateways
-
-
-@pytest.fixture(scope="module")
-def keyed_gateway(start_gateway):
-    return start_gateway(GATEWAY_API_KEYS="k1", WORKERS="1")
-
-
-@pytest.fixture(scope="module")
-def ollama_down_gateway(start_gateway):
-    port = free_port()
-    gateway = start_gateway(UPSTREAM_BASE="http://127.0.0.1:%d" % port, WORKERS="1")
-    gateway.upstream_port = port
-    return gateway
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +215,7 @@ def test_anthropic_sdk_works_unchanged_create_stream_and_raw_stream(gateway, stu
 
 def test_message_while_the_gpu_is_held_gets_overloaded_error_with_retry_after(gateway, stub):
     tid = task_id("msg-busy")
-    with gpu_held(gateway):
+    with asr_job_holds_the_gpu(gateway):
         answer = gateway.post("/v1/messages", json=messages_body(fresh_model()), headers={"X-Task-Id": tid})
     error = anthropic_error(answer, 503, "overloaded_error")
     assert answer.headers["Retry-After"].isdigit()
@@ -260,7 +227,7 @@ def test_message_while_the_gpu_is_held_gets_overloaded_error_with_retry_after(ga
 
 
 def test_anthropic_sdk_sees_gpu_busy_as_a_503_overloaded_error(gateway, stub):
-    with gpu_held(gateway):
+    with asr_job_holds_the_gpu(gateway):
         with pytest.raises(anthropic.APIStatusError) as raised:
             claude(gateway).messages.create(model=fresh_model(), max_tokens=64, messages=HI)
     error = raised.value
@@ -361,7 +328,7 @@ def multipart(model, audio, boundary=BOUNDARY):
 
 
 def test_transcription_waits_for_no_one_while_the_gpu_is_held(gateway, stub):
-    with gpu_held(gateway):
+    with asr_job_holds_the_gpu(gateway):
         answer = gateway.post("/v1/audio/transcriptions", data=multipart("whisper-x", AUDIO),
                               headers={"Content-Type": "multipart/form-data; boundary=" + BOUNDARY})
     assert answer.status_code == 503, answer.text
@@ -466,7 +433,7 @@ def test_ollama_python_shows_the_cloud_refusal_as_text(gateway, stub):
 def test_allowed_cloud_models_are_tasks_that_do_not_wait_for_the_gpu(cloud_gateway, stub, route, model):
     tid = task_id("cloud")
     path, body = inference_request(route, model)
-    with gpu_held(cloud_gateway):
+    with asr_job_holds_the_gpu(cloud_gateway):
         answer = cloud_gateway.post(path, json=body, headers={"X-Task-Id": tid})
         assert answer.status_code == 200, answer.text
         assert answer.headers["X-Task-Id"] == tid
