@@ -228,6 +228,20 @@ def _directory(env, name, default):
     return path
 
 
+UNIX_SOCKET_PATH_MAX = 107  # bytes of sun_path on Linux, less its closing NUL (unix(7))
+
+
+def _lock_directory(env, state_dir):
+    """GPU_LOCK_DIR, short enough for the GPU line's unix sockets, which live
+    in it as ``queue/<20 digits>.sock`` (README, "Sharing the GPU slot")."""
+    path = _directory(env, "GPU_LOCK_DIR", os.path.join(state_dir, "locks"))
+    longest = len(os.fsencode(os.path.join(path, "queue", "%020d.sock" % 0)))
+    if longest > UNIX_SOCKET_PATH_MAX:
+        raise ConfigError("GPU_LOCK_DIR=%r: too long for the GPU queue's unix sockets (%d bytes with their names; "
+                          "at most %d): set a shorter GPU_LOCK_DIR or STATE_DIR" % (path, longest, UNIX_SOCKET_PATH_MAX))
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of the gateway, read once from the environment (README, "Configuration")."""
@@ -304,7 +318,7 @@ class Config:
             algorithm_id=_text(env, "ALGORITHM_ID", "ollama-openai"),
             state_dir=state_dir,
             gpu_slots=_gpu_slots(env, upstream_bases),
-            gpu_lock_dir=_directory(env, "GPU_LOCK_DIR", os.path.join(state_dir, "locks")),
+            gpu_lock_dir=_lock_directory(env, state_dir),
             slot_wait_s=_number(env, "SLOT_WAIT_S", 0.0, float, 0),
             queue_max=_number(env, "QUEUE_MAX", 16, int, 0),  # waiters in the GPU line (with SLOT_WAIT_S)
             retry_after_s=_number(env, "RETRY_AFTER_S", 2, int, 0),

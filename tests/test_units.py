@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import socket
 import tempfile
 import wsgiref.validate
 
@@ -106,3 +107,18 @@ def test_config_errors_name_the_variable(tmp_path):
                                   "PROVIDER_TIMEOUT_SECONDS": "90", "MODEL_ALIASES": " a, b ,"})
     assert (config.upstream_base, config.read_timeout_s, config.model_aliases) == ("http://gpu-box:11434", 90.0,
                                                                                    ("a", "b"))
+
+
+def test_a_lock_directory_too_long_for_the_queue_sockets_stops_the_start(tmp_path):
+    fits_len = 107 - len("/queue/") - 20 - len(".sock")  # the longest GPU_LOCK_DIR the sockets allow
+    fits = str(tmp_path) + "/" + "x" * (fits_len - len(str(tmp_path)) - 1)
+    assert len(fits) == fits_len
+    assert Config.from_environ({"STATE_DIR": str(tmp_path), "GPU_LOCK_DIR": fits}).gpu_lock_dir == fits
+    os.makedirs(os.path.join(fits, "queue"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waiter:  # the kernel takes the longest name
+        waiter.bind(os.path.join(fits, "queue", "%020d.sock" % 0))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waiter, pytest.raises(OSError):  # and no longer
+        waiter.bind(os.path.join(fits + "x", "queue", "%020d.sock" % 0))
+    with pytest.raises(ConfigError, match=r"^GPU_LOCK_DIR='.*x': too long for the GPU queue's unix sockets "
+                                          r"\(108 bytes with their names; at most 107\)"):
+        Config.from_environ({"STATE_DIR": str(tmp_path), "GPU_LOCK_DIR": fits + "x"})
