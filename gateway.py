@@ -1302,7 +1302,10 @@ class SlotLine:
             slot = slots.try_take(holder, ticket.place)
             if slot is None:
                 return None, position
-            self._mark_served(ticket.place.get("key"))
+            try:
+                self._mark_served(ticket.place.get("key"))
+            except OSError as error:  # a full disk costs the fairness record, never the slot just taken
+                log.warning("could not record a key's turn in %s: %s", self.served_path, error)
             ticket.tear_down()
         self.wake_all()  # the next one may find another slot free; everyone moves up
         return slot, 0

@@ -109,6 +109,25 @@ def test_waiters_are_served_in_arrival_order_across_workers(queued, stub):
     assert line(queued) == []
 
 
+def test_a_turn_whose_fairness_record_cannot_be_written_still_gets_the_slot_and_frees_it(queued, stub):
+    """served.json is written when a waiter's turn comes; a disk that
+    refuses the write (here: a directory where its temporary file goes)
+    must not leave the slot taken and lost."""
+    blocker = os.path.join(queued.state_dir, "locks", "queue", "served.json.new")
+    holder = hold_slot(queued, "disk-0")
+    os.makedirs(blocker)
+    try:
+        [waiter] = queue_up(queued, ["disk-1"])
+        holder.close()
+        waiter.join(10)
+        assert waiter.answer.status_code == 200
+        assert queued.wait_slot_free(5)
+        assert queued.post("/api/chat", json=CHAT).status_code == 200
+        assert "could not record a key's turn" in queued.read_log()
+    finally:
+        os.rmdir(blocker)
+
+
 def test_a_full_line_refuses_at_once_with_retry_after(queued, stub):
     holder = hold_slot(queued, "full-0")
     waiters = queue_up(queued, ["full-1", "full-2", "full-3"])
