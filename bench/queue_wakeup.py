@@ -64,8 +64,8 @@ def one_handover(url, stub, slots, tell_the_line):
     holder = {"pid": os.getpid(), "task_id": "bench-holder", "path": "bench", "since": time.time()}
     slot = slots.try_take(holder)
     assert slot is not None, "the slot is not free"
-    if not tell_the_line:
-        slot.on_release = None  # as flock(1) lets go: nobody is told
+    if not tell_the_line:  # as flock(1) lets go: the lock is closed and nobody is told
+        slot.on_release = lambda slot, fd: (slots.held_here.discard(slot.index), os.close(fd))
     stub.reset()
     answered = []
     waiter = threading.Thread(target=lambda: answered.append(requests.post(url + "/api/chat", json=CHAT,
