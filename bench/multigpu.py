@@ -16,7 +16,6 @@
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,34 +24,16 @@ import time
 import requests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
 STATE_DIR = tempfile.mkdtemp(prefix="edgegate-bench-multigpu-")
 os.environ["STATE_DIR"] = STATE_DIR  # before gateway is imported: its module builds a Config
 
 import gateway  # noqa: E402
-from conftest import free_port, wait_until  # noqa: E402
+from run import Processes, start_queueing_edgegate  # noqa: E402  (the benchmark's own process helpers)
 from stub_upstream import StubServer  # noqa: E402
 
 PACED = {"X-Stub": "chunks=20,chunk_delay=0.05"}
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-
-def start_edgegate(upstream_base, state_dir):
-    port = free_port()
-    env = dict(os.environ, GATEWAY_BIND="127.0.0.1:%d" % port, UPSTREAM_BASE=upstream_base, SLOT_WAIT_S="30",
-               WORKERS="2", THREADS="16", STATE_DIR=state_dir)
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "gateway:app"],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = "http://127.0.0.1:%d" % port
-
-    def healthy():
-        try:
-            return requests.get(url + "/healthz", timeout=0.5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    assert wait_until(healthy, 15, 0.05), "edgegate did not start"
-    return process, url
 
 
 def two_clients(url):
@@ -71,14 +52,13 @@ def two_clients(url):
 
 
 def wall_clock(upstream_base, label):
-    state_dir = tempfile.mkdtemp(dir=STATE_DIR)
-    process, url = start_edgegate(upstream_base, state_dir)
+    procs = Processes()
     try:
+        url = start_queueing_edgegate(procs, upstream_base).url
         two_clients(url)  # warm the connections
         rounds = [two_clients(url) for _ in range(3)]
     finally:
-        process.terminate()
-        process.wait(10)
+        procs.stop_all()
     print("%-22s two paced clients: %.2f s (median of 3)" % (label, statistics.median(rounds)))
 
 

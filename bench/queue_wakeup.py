@@ -19,9 +19,7 @@ measure the slow fallback (``SlotLine.FALLBACK_S``).
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,33 +28,16 @@ import time
 import requests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
 STATE_DIR = tempfile.mkdtemp(prefix="edgegate-bench-queue-")
 os.environ["STATE_DIR"] = STATE_DIR  # before gateway is imported: its module builds a Config
 
 import gateway  # noqa: E402
-from conftest import free_port, wait_until  # noqa: E402
+from conftest import wait_until  # noqa: E402
+from run import Processes, start_queueing_edgegate  # noqa: E402  (the benchmark's own process helpers)
 from stub_upstream import StubServer  # noqa: E402
 
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
-
-
-def start_edgegate(stub_url):
-    port = free_port()
-    env = dict(os.environ, GATEWAY_BIND="127.0.0.1:%d" % port, UPSTREAM_BASE=stub_url, SLOT_WAIT_S="30",
-               WORKERS="2", THREADS="16")
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "gateway:app"],
-                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = "http://127.0.0.1:%d" % port
-
-    def healthy():
-        try:
-            return requests.get(url + "/healthz", timeout=0.5).status_code == 200
-        except requests.RequestException:
-            return False
-
-    assert wait_until(healthy, 15, 0.05), "edgegate did not start"
-    return process, url
 
 
 def one_handover(url, stub, slots, tell_the_line):
@@ -64,8 +45,8 @@ def one_handover(url, stub, slots, tell_the_line):
     holder = {"pid": os.getpid(), "task_id": "bench-holder", "path": "bench", "since": time.time()}
     slot = slots.try_take(holder)
     assert slot is not None, "the slot is not free"
-    if not tell_the_line:
-        slot.on_release = None  # as flock(1) lets go: nobody is told
+    if not tell_the_line:  # as flock(1) lets go: the lock is closed and nobody is told
+        slot.on_release = lambda slot, fd: (slots.held_here.discard(slot.index), os.close(fd))
     stub.reset()
     answered = []
     waiter = threading.Thread(target=lambda: answered.append(requests.post(url + "/api/chat", json=CHAT,
@@ -92,9 +73,11 @@ def main():
     parser.add_argument("--quick", action="store_true")
     rounds = 30 if parser.parse_args().quick else 200
     stub = StubServer().start()
-    process, url = start_edgegate(stub.url)
-    slots = gateway.GpuSlots(os.path.join(STATE_DIR, "locks"), 1)
+    procs = Processes()
+    lock_dir = os.path.join(STATE_DIR, "locks")  # the gateway's and this process's: one slot, one line
+    slots = gateway.GpuSlots(lock_dir, 1)
     try:
+        url = start_queueing_edgegate(procs, stub.url, GPU_LOCK_DIR=lock_dir).url
         for _ in range(5):  # warm the workers' connections
             requests.post(url + "/api/chat", json=CHAT, timeout=10)
         woken = []
@@ -102,8 +85,7 @@ def main():
             woken.append(one_handover(url, stub, slots, True))
         silent = [one_handover(url, stub, slots, False) for _ in range(10)]
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(10)
+        procs.stop_all()
         stub.stop()
         shutil.rmtree(STATE_DIR, ignore_errors=True)
     print("| hand-over | rounds | p50 (ms) | p99 (ms) | max (ms) |")

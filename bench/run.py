@@ -212,6 +212,17 @@ def start_edgegate(procs, upstream, name="edgegate", extra_pids=(), **env):
     return target
 
 
+def start_queueing_edgegate(procs, upstream, **env):
+    """edgegate as bench/multigpu.py and bench/queue_wakeup.py run it:
+    2 workers of 16 threads, requests wait up to 30 s in the GPU line
+    (SLOT_WAIT_S) and there is one slot per upstream in ``upstream`` (a
+    comma-separated UPSTREAM_BASE; not gunicorn_env's 64). ``env`` adds to
+    or overrides these."""
+    settings = {"SLOT_WAIT_S": "30", "THREADS": "16", "GPU_SLOTS": str(len(upstream.split(",")))}
+    settings.update(env)
+    return start_edgegate(procs, upstream, **settings)
+
+
 def start_empty(procs, upstream):
     return start_gunicorn(procs, "empty app", ["--pythonpath", "bench", "empty_app:app"], upstream)
 
