@@ -57,9 +57,9 @@ import time
 
 from gunicorn.http.body import CHUNK_EXT_RE, ChunkedReader
 from gunicorn.http.errors import (
-    ChunkMissingTerminator, ExpectationFailed, ForbiddenProxyRequest, InvalidChunkExtension,
+    ChunkMissingTerminator, ConfigurationProblem, ExpectationFailed, ForbiddenProxyRequest, InvalidChunkExtension,
     InvalidChunkSize, InvalidHeader, InvalidHeaderName, InvalidHTTPVersion, InvalidProxyHeader, InvalidProxyLine,
-    InvalidRequestLine, InvalidRequestMethod, InvalidSchemeHeaders,
+    InvalidRequestLine, InvalidRequestMethod, InvalidResponseHeader, InvalidResponseHeaderName, InvalidSchemeHeaders,
     LimitRequestHeaders, LimitRequestLine, NoMoreData, ObsoleteFolding, ParseException, UnsupportedTransferCoding)
 from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE, TOKEN_RE, Request
 from gunicorn.http.parser import RequestParser
@@ -722,6 +722,32 @@ class BufferingWorker(ThreadWorker):
         gateway.access_log.write(gateway.access_line(conn.address, method, path, refusal.status, started,
                                                      bytes_out=max(sent, 0)))
         self.close(conn, graceful=True)
+
+    def handle_error(self, req, client, addr, exc):
+        """A parse error in a thread: gunicorn answers it with an HTML page
+        and no access line (gunicorn/workers/base.py, handle_error). With
+        buffering the poller has answered every malformed head before a
+        thread sees it; without (TLS, PROXY protocol, h2c: init_process)
+        the thread's parser still meets them, and they get the same envelope
+        here. The path is known only when gunicorn passes the request (else
+        the default shape); the time is from now, as in gunicorn's own."""
+        if (not isinstance(exc, ParseException)
+                or isinstance(exc, (InvalidResponseHeader, InvalidResponseHeaderName, ConfigurationProblem))):
+            return super().handle_error(req, client, addr, exc)  # not the request's fault, or TLS: gunicorn's
+        started = time.monotonic()
+        refusal = malformed_head(exc, self.head_sizes)
+        if req is None and isinstance(exc, InvalidHeader):
+            req = exc.req  # a framing or repeat error carries the request (as in gunicorn's handle_error)
+        method = getattr(req, "method", None) or "-"
+        path = getattr(req, "path", None) or "-"
+        answer = refusal.response(path, with_body=method != "HEAD")
+        try:
+            client.sendall(answer)  # a blocking socket, in the thread
+            sent = len(answer)
+        except OSError:
+            sent = 0
+        address = addr[0] if isinstance(addr, tuple) else None
+        gateway.access_log.write(gateway.access_line(address, method, path, refusal.status, started, bytes_out=sent))
 
     def send_quietly(self, sock, data):
         """A small write on a non-blocking socket: it fits the empty send

@@ -206,6 +206,35 @@ def test_a_malformed_head_after_a_good_request_on_a_kept_alive_connection(gatewa
     assert len(stub.received) == 1  # the good one
 
 
+# ---------------------------------------------------------------- without buffering: gunicorn's own thread
+
+
+@pytest.fixture(scope="module")
+def unbuffered_gateway(start_gateway):
+    """A gateway whose worker leaves connections to gthread as they are
+    (the PROXY protocol is on), so that gunicorn's parser meets a malformed
+    head in a thread, and its handle_error answers it."""
+    return start_gateway(GUNICORN_CMD_ARGS="--proxy-protocol auto", WORKERS="1")
+
+
+@pytest.mark.parametrize("raw, status, code, path, logged", [
+    (b"GARBAGE\r\nHost: x\r\n\r\n", 400, "invalid_request", None, "- -"),
+    (get(b"/api/tags", b"Bad Name: 1"), 400, "invalid_request", None, "- -"),  # gunicorn gives no request
+    (get(b"/api/" + b"a" * 5000), 414, "request_line_too_long", None, "- -"),
+    (get(b"/api/tags", *(b"X-%d: 1" % n for n in range(101))), 431, "request_header_fields_too_large", None,
+     "- -"),
+    (get(b"/api/chat", b"Content-Length: 2", b"Content-Length: 2", method=b"POST"), 400, "invalid_request",
+     "/api/chat", "POST /api/chat"),  # gunicorn passes the request: the path's shape
+])
+def test_without_buffering_a_malformed_head_still_gets_the_envelope(unbuffered_gateway, stub, raw, status, code,
+                                                                    path, logged):
+    answer, received, source = send_head(unbuffered_gateway, raw)
+    assert answer.status == status
+    assert envelope(answer, path or "-")["code"] == code
+    one_access_line(unbuffered_gateway, source, logged, status, received)
+    assert stub.received == []
+
+
 # ---------------------------------------------------------------- the statuses are gunicorn's, without sockets
 
 
