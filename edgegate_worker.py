@@ -21,11 +21,24 @@ connection, what it can judge from the bytes alone:
 
     408 request_timeout       head not in within CLIENT_HEADER_TIMEOUT_S, or
                               body not in within CLIENT_BODY_TIMEOUT_S after it
-    400 invalid_request       HTTP/1.1 without Host; a malformed chunked body;
-                              a body cut short by the client's end of stream
+    400 invalid_request       a head gunicorn's parser refuses (request line,
+                              method, HTTP version, a header name or value,
+                              Content-Length); HTTP/1.1 without Host; a
+                              malformed chunked body; a body cut short by the
+                              client's end of stream
     405 method_not_allowed    a method the APIs do not use (TRACE, CONNECT, ...)
+    414 request_line_too_long a request line over gunicorn's limit_request_line
+    417 expectation_failed    an Expect other than 100-continue
     429 too_many_connections  over MAX_CONNECTIONS_PER_CLIENT open connections
                               from one address (counted in each worker process)
+    431 request_header_fields_too_large
+                              over limit_request_fields header fields, or one
+                              over limit_request_field_size
+    501 unsupported_transfer_coding
+                              a Transfer-Encoding gunicorn does not read
+
+For a head gunicorn's parser refuses, the status is gunicorn's own; only the
+answer changes: gunicorn writes an HTML page and logs no access line.
 
 Sections, in the order a connection meets them: settings -> the answers the
 worker gives itself -> what the parser reads from -> following a chunked body
@@ -43,8 +56,12 @@ import socket
 import time
 
 from gunicorn.http.body import CHUNK_EXT_RE, ChunkedReader
-from gunicorn.http.errors import NoMoreData
-from gunicorn.http.message import Request
+from gunicorn.http.errors import (
+    ChunkMissingTerminator, ConfigurationProblem, ExpectationFailed, ForbiddenProxyRequest, InvalidChunkExtension,
+    InvalidChunkSize, InvalidHeader, InvalidHeaderName, InvalidHTTPVersion, InvalidProxyHeader, InvalidProxyLine,
+    InvalidRequestLine, InvalidRequestMethod, InvalidResponseHeader, InvalidResponseHeaderName, InvalidSchemeHeaders,
+    LimitRequestHeaders, LimitRequestLine, NoMoreData, ObsoleteFolding, ParseException, UnsupportedTransferCoding)
+from gunicorn.http.message import DEFAULT_MAX_HEADERFIELD_SIZE, MAX_HEADERS, MAX_REQUEST_LINE, TOKEN_RE, Request
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
@@ -70,6 +87,21 @@ def client_limits(config):
     """
     return ClientLimits(config.client_header_timeout_s, config.client_body_timeout_s,
                         config.max_connections_per_client, config.max_body_bytes)
+
+
+HeadSizes = collections.namedtuple("HeadSizes", "line fields field_size header_section")
+
+
+def head_sizes(cfg):
+    """The size limits gunicorn's parser puts on a request head, as it
+    derives them from its settings (gunicorn/http/message.py,
+    Message.__init__ and Request.__init__): the request line (None: no
+    limit), the number of header fields, one field line with its CRLF, and
+    the header section while it has no end yet."""
+    line = MAX_REQUEST_LINE if cfg.limit_request_line < 0 else min(cfg.limit_request_line, MAX_REQUEST_LINE) or None
+    fields = cfg.limit_request_fields if 0 < cfg.limit_request_fields <= MAX_HEADERS else MAX_HEADERS
+    field_size = cfg.limit_request_field_size if cfg.limit_request_field_size > 0 else DEFAULT_MAX_HEADERFIELD_SIZE
+    return HeadSizes(line, fields, field_size, fields * (field_size + 2) + 4)
 
 
 # Methods the OpenAI, Anthropic and Ollama APIs and CORS use. TRACE would echo
@@ -98,7 +130,9 @@ LINGER_DRAIN = 64 * 1024
 # ================================================================ the answers the worker gives itself
 
 
-REASONS = {400: "Bad Request", 405: "Method Not Allowed", 408: "Request Timeout", 429: "Too Many Requests"}
+REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",
+           414: "URI Too Long", 417: "Expectation Failed", 429: "Too Many Requests",
+           431: "Request Header Fields Too Large", 501: "Not Implemented"}
 
 
 class Refusal(Exception):
@@ -122,6 +156,86 @@ class Refusal(Exception):
                 "Content-Length: %d" % len(body),
                 "Connection: close"] + ["%s: %s" % h for h in self.headers]
         return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body if with_body else b"")
+
+
+def malformed_head(error, sizes, head=None):
+    """The Refusal for one of gunicorn's parse errors (gunicorn/http/errors.py,
+    raised by gunicorn/http/message.py), with the status gunicorn's own
+    answer has (gunicorn/workers/base.py, handle_error): 414 for the request
+    line, 431 for the header fields, 417, 501, else 400. Its message names
+    what is wrong; of the request it repeats at most a method or a header
+    name, cut short and escaped (gateway.printable), never a value or a
+    line, which may hold a key. ``head`` is the head's bytes (None: not known).
+    """
+    def quoted(header_name):
+        return '"%s"' % gateway.printable(header_name.title()[:40])
+
+    if isinstance(error, LimitRequestLine):
+        limit = sizes.line or 1024 * 1024  # limit_request_line 0: gunicorn_h1c's 1 MiB (Request.__init__)
+        return Refusal(414, "request_line_too_long", "the request line is longer than %d bytes" % limit)
+    if isinstance(error, LimitRequestHeaders):
+        # gunicorn's messages (message.py, parse_headers and _parse_python)
+        if str(error) == "limit request headers fields":
+            message = "the request has more than %d header fields" % sizes.fields
+        elif str(error) == "limit request headers fields size":
+            message = "a header field line is longer than %d bytes, its CRLF included" % sizes.field_size
+        else:  # "max buffer headers"
+            message = "the header fields are over %d bytes in all" % sizes.header_section
+        return Refusal(431, "request_header_fields_too_large", message)
+    if isinstance(error, InvalidRequestLine):
+        if "bare LF" in str(error):
+            return Refusal(400, "invalid_request", "the request line ends with a bare LF, not CRLF")
+        return Refusal(400, "invalid_request", 'invalid request line: it must be "METHOD /path HTTP/1.1", '
+                                               'the path in printable ASCII (percent-encode the rest)')
+    if isinstance(error, InvalidRequestMethod):
+        return Refusal(400, "invalid_request", 'invalid method "%s": a method is an upper-case token such as '
+                                               'GET or POST' % gateway.printable(str(error.method)[:20]))
+    if isinstance(error, InvalidHTTPVersion):
+        return Refusal(400, "invalid_request", "invalid HTTP version: the gateway speaks HTTP/1.0 and HTTP/1.1")
+    if isinstance(error, InvalidHeaderName):
+        if "_" in error.hdr and TOKEN_RE.fullmatch(error.hdr):  # header_map = "refuse"
+            return Refusal(400, "invalid_request", "header name %s has an underscore, which is refused "
+                                                   "(a WSGI application reads it as a hyphen)" % quoted(error.hdr))
+        return Refusal(400, "invalid_request", "invalid header name %s: a name is letters, digits and "
+                                               "!#$%%&'*+-.^_`|~, without spaces" % quoted(error.hdr))
+    if isinstance(error, InvalidHeader):
+        # gunicorn raises it with a header's name, with the request for a
+        # framing or repeat error (message.py, set_body_reader and
+        # _apply_header_policy), or with the whole line when it has no colon.
+        hdr = str(error.hdr)
+        if hdr == "bare LF as line terminator":
+            return Refusal(400, "invalid_request", "a header line ends with a bare LF, not CRLF")
+        if hdr == "CONTENT-LENGTH" and error.req is not None:
+            message = ("invalid Content-Length: it must be one decimal number of bytes, "
+                       "given once and without Transfer-Encoding")
+        elif hdr == "TRANSFER-ENCODING" and error.req is not None:
+            message = "invalid Transfer-Encoding: it must end with chunked, name it once, and not be on HTTP/1.0"
+        elif error.req is not None:
+            message = "header %s is given more than once" % quoted(hdr)
+        elif head is None:  # in a thread, where the head is read: which of the two below is not known
+            message = 'a header line is not "Name: value", or a value holds a control character'
+        elif TOKEN_RE.fullmatch(hdr) and (hdr + ":").encode("latin-1") in head.upper():
+            message = "the value of header %s holds a control character" % quoted(hdr)
+        else:
+            message = 'a header line is not "Name: value"'
+        return Refusal(400, "invalid_request", message)
+    if isinstance(error, ObsoleteFolding):
+        return Refusal(400, "invalid_request", "header %s is folded onto a line that starts with a space or "
+                                               "tab (obsolete line folding)" % quoted(str(error.hdr)))
+    if isinstance(error, ExpectationFailed):
+        return Refusal(417, "expectation_failed", 'the only Expect understood is "100-continue"')
+    if isinstance(error, UnsupportedTransferCoding):
+        return Refusal(501, "unsupported_transfer_coding",
+                       "unsupported Transfer-Encoding: send the body with Content-Length, or chunked")
+    if isinstance(error, InvalidSchemeHeaders):
+        return Refusal(400, "invalid_request", "the request's scheme headers (X-Forwarded-Proto, ...) disagree")
+    if isinstance(error, ForbiddenProxyRequest):
+        return Refusal(403, "proxy_not_allowed", "a PROXY protocol header from an address not in proxy_allow_ips")
+    if isinstance(error, (InvalidProxyLine, InvalidProxyHeader)):
+        return Refusal(400, "invalid_request", "malformed PROXY protocol header")
+    if isinstance(error, (InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension)):
+        return Refusal(400, "invalid_request", "malformed chunked request body")
+    return Refusal(400, "invalid_request", "malformed request head")
 
 
 # ================================================================ what the parser reads from
@@ -327,8 +441,9 @@ class ArrivingRequest:
         """(method, uri, version) for the access log, as far as known."""
         if self.request is not None:
             return self.request.method, self.request.uri, "HTTP/%d.%d" % self.request.version
-        end = self.data.find(b"\r\n")
-        line = bytes(self.data[:end]).split(b" ") if end > 0 else []
+        start = 2 if self.data[:2] == b"\r\n" else 0  # one empty line may come first (RFC 9112 section 2.2)
+        end = self.data.find(b"\r\n", start)
+        line = bytes(self.data[start:end]).split(b" ") if end > start else []
         if len(line) == 3 and all(PRINTABLE.fullmatch(part) for part in line):
             return tuple(part.decode("ascii") for part in line)
         return "-", "-", "-"  # nothing from a malformed line reaches the log
@@ -367,12 +482,10 @@ class BufferingWorker(ThreadWorker):
         self.arriving = {}  # socket -> ArrivingRequest
         self.lingering = {}  # socket -> BufferingConnection, closing
         self.per_address = collections.Counter()  # open connections by client address
-        # The largest head gunicorn's parser accepts (gunicorn/http/message.py,
-        # Message.__init__ and Request._parse_python); past it, it answers 431 or 414.
-        field_size = self.cfg.limit_request_field_size if self.cfg.limit_request_field_size > 0 else 8190
-        fields = self.cfg.limit_request_fields if 0 < self.cfg.limit_request_fields <= 32768 else 32768
-        line = self.cfg.limit_request_line if self.cfg.limit_request_line > 0 else 8190
-        self.head_limit = fields * (field_size + 2) + 4 + line + 4
+        # The largest head gunicorn's parser reads without its blank line
+        # (gunicorn/http/message.py, Request._parse_python); past it, it answers 431 or 414.
+        self.head_sizes = head_sizes(self.cfg)
+        self.head_limit = self.head_sizes.header_section + (self.head_sizes.line or MAX_REQUEST_LINE) + 4
         super().init_process()
 
     # -- a new connection
@@ -447,9 +560,6 @@ class BufferingWorker(ThreadWorker):
         try:
             if arriving.phase == "head" and not self.read_head(arriving):
                 return True
-            if arriving.request is None:  # gunicorn will refuse the head: let it say why
-                self.hand_on(arriving)
-                return False
             if not self.body_is_in(arriving):
                 return True
         except Refusal as refusal:
@@ -459,28 +569,24 @@ class BufferingWorker(ThreadWorker):
         return False
 
     def read_head(self, arriving):
-        """True once the head is in (``arriving.request`` is then set, or left
-        None when gunicorn's parser would refuse it)."""
+        """True once the head is in and ``arriving.request`` set. Raises
+        Refusal for a head that gunicorn's parser or this worker refuses."""
         data = arriving.data
         end = data.find(b"\r\n\r\n", max(0, arriving.scanned - 3))
         if end < 0:
-            # No blank line yet. A bare LF (refused by gunicorn's parser,
-            # never waited for) or a head over gunicorn's size limits is
-            # handed on now, for gunicorn's own 400, 414 or 431.
+            # No blank line yet. gunicorn's parser does not wait for it when
+            # it sees a bare LF, a request line over limit_request_line or a
+            # head over its size limits (Request._parse_python, read_line):
+            # such a head is judged now, for gunicorn's 400, 414 or 431.
             bare_lf = has_bare_lf(data, arriving.scanned)
             arriving.scanned = len(data)
-            return bare_lf or len(data) > self.head_limit
-        arriving.body_start = end + 4
-        try:
-            # gunicorn's own parser reads the head, so that where this worker
-            # thinks the body ends is where gunicorn will: no two readings of
-            # Content-Length or Transfer-Encoding (request smuggling).
-            request = Request(self.cfg, IterUnreader([bytes(data[:end + 4])]), arriving.conn.client,
-                              arriving.conn.requests + 1)
-        except (NoMoreData, StopIteration):
-            return True  # an empty head: gunicorn closes
-        except Exception:  # one of gunicorn's parse errors: it answers it in the thread
-            return True
+            if not (bare_lf or self.request_line_too_long(data) or len(data) > self.head_limit):
+                return False
+            head = bytes(data)
+        else:
+            head = bytes(data[:end + 4])
+            arriving.body_start = end + 4
+        request = self.parse_head(arriving, head)
         self.check_head(request)
         arriving.request = request
         arriving.phase = "body"
@@ -492,6 +598,33 @@ class BufferingWorker(ThreadWorker):
         else:  # LengthReader: a declared length, or 0 (gunicorn/http/message.py, set_body_reader)
             arriving.length = reader.length
         return True
+
+    def request_line_too_long(self, data):
+        """Whether the request line, not ended yet, is already over gunicorn's limit."""
+        limit = self.head_sizes.line
+        return limit is not None and len(data) > limit + 4 and data.find(b"\r\n", 0, limit + 4) < 0
+
+    def parse_head(self, arriving, head):
+        """gunicorn's own Request for the head, so that where this worker
+        thinks the body ends is where gunicorn will: no two readings of
+        Content-Length or Transfer-Encoding (request smuggling). It is fed
+        in the 8 KiB pieces a thread reads from a socket
+        (gunicorn/http/unreader.py, SocketUnreader), since the parser checks
+        its size limits as pieces come. What it refuses is answered here
+        (malformed_head) instead of by gunicorn's handle_error in a thread."""
+        pieces = [head[at:at + 8192] for at in range(0, len(head), 8192)]
+        try:
+            return Request(self.cfg, IterUnreader(pieces), arriving.conn.client, arriving.conn.requests + 1)
+        except ParseException as error:
+            raise malformed_head(error, self.head_sizes, head)
+        except (NoMoreData, StopIteration):
+            # Not seen with the heads read_head passes (a blank line, or a
+            # fault the parser names before it); limit_request_line = 0
+            # (no limit) and a line past head_limit would come here.
+            pass
+        except Exception:  # a fault of the parser's, not the client's: keep the worker's loop alive
+            self.log.exception("gunicorn's parser failed on a request head")
+        raise Refusal(400, "invalid_request", "the request head could not be read")
 
     def check_head(self, request):
         """What the worker refuses from the head alone."""
@@ -589,6 +722,32 @@ class BufferingWorker(ThreadWorker):
         gateway.access_log.write(gateway.access_line(conn.address, method, path, refusal.status, started,
                                                      bytes_out=max(sent, 0)))
         self.close(conn, graceful=True)
+
+    def handle_error(self, req, client, addr, exc):
+        """A parse error in a thread: gunicorn answers it with an HTML page
+        and no access line (gunicorn/workers/base.py, handle_error). With
+        buffering the poller has answered every malformed head before a
+        thread sees it; without (TLS, PROXY protocol, h2c: init_process)
+        the thread's parser still meets them, and they get the same envelope
+        here. The path is known only when gunicorn passes the request (else
+        the default shape); the time is from now, as in gunicorn's own."""
+        if (not isinstance(exc, ParseException)
+                or isinstance(exc, (InvalidResponseHeader, InvalidResponseHeaderName, ConfigurationProblem))):
+            return super().handle_error(req, client, addr, exc)  # not the request's fault, or TLS: gunicorn's
+        started = time.monotonic()
+        refusal = malformed_head(exc, self.head_sizes)
+        if req is None and isinstance(exc, InvalidHeader):
+            req = exc.req  # a framing or repeat error carries the request (as in gunicorn's handle_error)
+        method = getattr(req, "method", None) or "-"
+        path = getattr(req, "path", None) or "-"
+        answer = refusal.response(path, with_body=method != "HEAD")
+        try:
+            client.sendall(answer)  # a blocking socket, in the thread
+            sent = len(answer)
+        except OSError:
+            sent = 0
+        address = addr[0] if isinstance(addr, tuple) else None
+        gateway.access_log.write(gateway.access_line(address, method, path, refusal.status, started, bytes_out=sent))
 
     def send_quietly(self, sock, data):
         """A small write on a non-blocking socket: it fits the empty send
