@@ -388,9 +388,11 @@ def anthropic_error_type(error):
     """Anthropic's error type for a gateway error (its API's error types)."""
     by_code = {"gpu_busy": "overloaded_error", "body_too_large": "request_too_large",
                "upstream_unreachable": "api_error", "upstream_error": "api_error", "upstream_timeout": "api_error"}
-    by_status = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
-    return by_code.get(error.code) or by_status.get(error.status, "api_error")
+    by_status = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 413: "request_too_large", 429: "rate_limit_error", 501: "invalid_request_error",
+                 503: "overloaded_error"}
+    other = "invalid_request_error" if 400 <= error.status < 500 else "api_error"  # 400, 405, 408, 414, 431...
+    return by_code.get(error.code) or by_status.get(error.status, other)
 
 
 class Gateway:

@@ -348,6 +348,21 @@ def test_methods_the_apis_do_not_use_get_405(gateway, stub, method):
     assert stub.received == []
 
 
+@pytest.mark.parametrize("raw, status", [
+    (b"PROPFIND /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\n", 501),
+    (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % n for n in range(120)) + b"\r\n", 431),
+])
+def test_the_worker_refuses_anthropic_clients_with_an_invalid_request_error(gateway, stub, raw, status):
+    """The anthropic SDK reads error.type: a refusal caused by the client is
+    its invalid_request_error, not api_error (which it treats as Anthropic's fault)."""
+    answer, _ = exchange(gateway, raw)
+    assert answer.status == status
+    document = json.loads(answer.body)
+    assert document["type"] == "error" and document["error"]["type"] == "invalid_request_error", document
+    assert stub.received == []
+
+
 def test_a_refusal_by_the_worker_is_logged_in_the_same_one_line_as_every_request(gateway, stub):
     answer, _ = exchange(gateway, b"PROPFIND /api/refused-here HTTP/1.1\r\nHost: x\r\n\r\n")
     assert answer.status == 405
