@@ -1915,9 +1915,9 @@ class UpstreamRequest(requests.PreparedRequest):
 
 class WatchedAdapter(requests.adapters.HTTPAdapter):
     """requests' transport to one upstream, for one thread, with the work
-    that is the same for every request done once (#14: it was a sixth of
-    the upstream call). ``HTTPAdapter.send`` calls these hooks, which requests
-    exposes for subclasses (``requests/adapters.py``):
+    that is the same for every request done once (it was a sixth of the
+    upstream call's time; README, "Benchmark"). ``HTTPAdapter.send`` calls
+    these hooks, which requests exposes for subclasses (``requests/adapters.py``):
 
     - ``get_connection_with_tls_context``: the one connection pool of this
       upstream, looked up once (requests parses the URL, looks for proxies
