@@ -180,7 +180,9 @@ def test_hangup_and_delete_leave_the_line_and_the_rest_move_up(queued, stub):
 
 def test_a_waiting_sse_stream_hears_its_position(queued, stub):
     holder = hold_slot(queued, "sse-0")
-    ahead = queue_up(queued, ["sse-1"])[0]
+    # sse-1 keeps the slot a second once it has it: else, on a loaded machine, it can be done
+    # before sse-2 looks again, and sse-2 is served at once without ever being next in line.
+    ahead = queue_up(queued, ["sse-1"], headers={"X-Stub": "delay=1"})[0]
     body = dict(CHAT, stream=True)
     sock = raw_request(queued, "/v1/chat/completions", body, [("X-Task-Id", "sse-2")])
     sock.settimeout(5)
