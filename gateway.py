@@ -942,6 +942,21 @@ def queued_stream_event(document):
     return event + b"data: " + json.dumps(document).encode() + b"\n\n"
 
 
+RECORD_BYTES = 512  # a holder record is padded to this, so that a shorter one leaves no tail of the last
+
+
+def holder_record(path):
+    """The JSON object at the start of a slot's lock file ({} if none):
+    what follows it is padding, or the tail of a longer earlier record."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read(4096).lstrip()
+        record, _ = json.JSONDecoder().raw_decode(text)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 class Slot:
     """One held GPU slot: a lock file's descriptor with an exclusive flock on it."""
 
@@ -1015,14 +1030,15 @@ class GpuSlots:
                 os.close(fd)
                 raise
             self.held_here.add(index)
+            slot = Slot(index, fd, self._released)
             try:
                 if record is None:
                     record = json.dumps(holder).encode()
-                os.pwrite(fd, record + b" " * (RECORD_BYTES - len(record)), 0)
+                os.pwrite(fd, record.ljust(RECORD_BYTES), 0)
             except BaseException:
-                self._released(Slot(index, fd, None), fd)
+                slot.release()
                 raise
-            return Slot(index, fd, self._released)
+            return slot
         return None
 
     def _descriptor(self, index):
@@ -1483,21 +1499,6 @@ def _unlink(*paths):
             pass
 
 
-RECORD_BYTES = 512  # a holder record is padded to this, so that a shorter one leaves no tail of the last
-
-
-def holder_record(path):
-    """The JSON object at the start of a slot's lock file ({} if none):
-    what follows it is padding, or the tail of a longer earlier record."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read(4096).lstrip()
-        record, _ = json.JSONDecoder().raw_decode(text)
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _flock_holders():
     """{(major, minor, inode): pid} of every FLOCK in the kernel's table."""
     holders = {}
@@ -1655,23 +1656,25 @@ def keep_alive_seconds(value):
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        return _duration_text_seconds(value)
+        seconds = _duration_text_seconds(value)
     else:
+        return None
+    if seconds is None:
         return None
     return float("inf") if seconds < 0 else seconds
 
 
 @functools.lru_cache(maxsize=256)  # read twice per /v1 request, and nearly always the same few texts
 def _duration_text_seconds(value):
+    """Seconds of a number or Go duration in text; None when it is neither."""
     text = value.strip()
     try:
-        seconds = float(text)
+        return float(text)
     except ValueError:
         parts = DURATION_PART_RE.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
             return None
-        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
-    return float("inf") if seconds < 0 else seconds
+        return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
 
 
 class ModelLifetimes:
@@ -2411,10 +2414,10 @@ def cancel(exchange):
 
 def _cut_client(exchange):
     if exchange.client_socket is not None:
-            try:
-                exchange.client_socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        try:
+            exchange.client_socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 # ================================================================ 8. the ending

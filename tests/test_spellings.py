@@ -4,7 +4,6 @@ before anything reaches Ollama."""
 
 import json
 import socket
-import threading
 import time
 
 import pytest

@@ -34,7 +34,7 @@ import pytest
 import requests
 import zstandard
 
-from conftest import asr_job_holds_the_gpu, gateway_error, wait_until
+from conftest import asr_job_holds_the_gpu, gateway_error
 
 HI = [{"role": "user", "content": "hi"}]
 # Anthropic's error types (docs.anthropic.com, "Errors"); Ollama's NewError uses the same.
