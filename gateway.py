@@ -2851,7 +2851,10 @@ class Metrics:
         self.slots = slots
         self.enabled = False
         os.makedirs(directory, exist_ok=True)
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", directory)
+        # Set, not defaulted: a PROMETHEUS_MULTIPROC_DIR inherited from the
+        # environment would take the values to a directory that
+        # gunicorn.conf.py does not empty, summing in another run's.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         try:
             import prometheus_client as prom
             from prometheus_client import multiprocess

@@ -51,6 +51,22 @@ def test_metrics_add_up_over_both_workers(start_gateway, stub):
     assert [s.value for s in metric_samples(text, "edgegate_slot_hold_seconds_count")] == [8]
 
 
+def test_metrics_start_from_zero_whatever_prometheus_multiproc_dir_the_environment_has(start_gateway, stub,
+                                                                                          tmp_path):
+    """An earlier run's values in an inherited PROMETHEUS_MULTIPROC_DIR are
+    never summed in: the gateway keeps its own, under STATE_DIR/metrics."""
+    inherited = tmp_path / "elsewhere"
+    first = start_gateway(PROMETHEUS_MULTIPROC_DIR=str(inherited))
+    second = start_gateway(PROMETHEUS_MULTIPROC_DIR=str(inherited))
+    for gateway in (first, second):
+        assert gateway.post("/api/chat", json=dict(CHAT, stream=False)).status_code == 200
+        counted = {s.labels["status"]: s.value for s in metric_samples(gateway.get("/metrics").text,
+                                                                          "edgegate_requests_total")
+                   if s.labels["route"] == "inference"}
+        assert counted == {"200": 1}
+    assert not inherited.exists() or os.listdir(inherited) == []
+
+
 def test_metrics_count_upstream_errors(start_gateway):
     gateway = start_gateway(UPSTREAM_BASE="http://127.0.0.1:%d" % free_port(), WORKERS="1")
     gateway.post("/api/chat", json=CHAT)
