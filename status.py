@@ -26,6 +26,7 @@ than ``stale_after`` seconds every reader sees it as FAILED, stage ``timeout``;
 its id can then be used again. The TTL removes it in the end.
 """
 
+import abc
 import json
 import logging
 import os
@@ -110,10 +111,49 @@ def _pick_recent(pages, limit, state, stale_after, owner=None):
     return items
 
 
+# ---------------------------------------------------------------- the store's interface
+
+
+class TaskStore(abc.ABC):
+    """What a task store does; ``RedisStore`` and ``SqliteStore`` each do all
+    of it, with the same contract (README, "Task status"). Any method may
+    raise (a redis, sqlite3 or socket error): ``TaskBoard`` handles that."""
+
+    provider = None  # named in errors: "redis" or "sqlite"
+
+    @abc.abstractmethod
+    def claim(self, document):
+        """Write a task's first document; False when its id is live already."""
+
+    @abc.abstractmethod
+    def put(self, documents):
+        """Write these documents (heartbeats, changes, final states)."""
+
+    @abc.abstractmethod
+    def get(self, task_id):
+        """The document kept as ``task_id`` (a store id), or None."""
+
+    @abc.abstractmethod
+    def recent(self, limit, state=None, owner=None):
+        """Up to ``limit`` documents, newest first; of ``state`` and ``owner`` (a key name) if given."""
+
+    @abc.abstractmethod
+    def request_cancel(self, task_id):
+        """Ask whichever worker runs ``task_id`` to cancel it (DELETE /tasks/<id>)."""
+
+    @abc.abstractmethod
+    def cancels_among(self, task_ids):
+        """Which of ``task_ids`` have a cancel asked for (read by each worker's watcher)."""
+
+    @abc.abstractmethod
+    def ping(self):
+        """Raise unless the store answers."""
+
+
 # ---------------------------------------------------------------- Redis store
 
 
-class RedisStore:
+class RedisStore(TaskStore):
     """Task documents in Redis (README, "Task status").
 
     One request costs two round trips on its own thread: the claim (a Lua
@@ -239,7 +279,7 @@ def _one_at_a_time(method):
     return locked
 
 
-class SqliteStore:
+class SqliteStore(TaskStore):
     """Task documents in one SQLite file, for a box without Redis.
 
     Every worker process opens the same file; SQLite's locking makes a claim
@@ -391,11 +431,13 @@ def open_store(config):
 class TaskBoard:
     """The gateway's only way to the store.
 
-    Writes (``claim``, ``write``) never raise: when the store fails they log
-    once, start a cool-down of ``STORE_COOLDOWN_S`` during which the store is
-    not asked at all, and report that nothing was stored. Reads for the status
-    API (``query``) raise ``StoreUnavailable`` instead, so the client gets a
-    503 ``store_unavailable`` rather than a wrong answer.
+    Writes (``claim``, ``put``) and the watcher's ``cancels_among`` never
+    raise: when the store fails they log once, start a cool-down of
+    ``STORE_COOLDOWN_S`` during which the store is not asked at all, and
+    report that nothing was stored. Reads for the status API (``get``,
+    ``recent``, ``request_cancel``, ``ping``) raise ``StoreUnavailable``
+    instead, so the client gets a 503 ``store_unavailable`` rather than a
+    wrong answer.
     """
 
     def __init__(self, store, on_failure=None):
@@ -428,24 +470,51 @@ class TaskBoard:
     def _cooling_down(self):
         return time.monotonic() < self._down_until
 
-    def call(self, method, *args, default=None):
-        """``store.method(*args)``, or ``default`` when the store is down."""
+    # -- writes and the watcher's reads: never raise
+
+    def claim(self, document):
+        """False when the id is live elsewhere; with the store down the claim
+        is let through (nothing to check against)."""
+        return self._quietly(self.store.claim, document, default=True)
+
+    def put(self, documents):
+        self._quietly(self.store.put, documents)
+
+    def cancels_among(self, task_ids):
+        return self._quietly(self.store.cancels_among, task_ids, default=set())
+
+    # -- the status API's reads: StoreUnavailable when the store is down
+
+    def get(self, task_id):
+        return self._asked(self.store.get, task_id)
+
+    def recent(self, limit, state=None, owner=None):
+        return self._asked(self.store.recent, limit, state, owner)
+
+    def request_cancel(self, task_id):
+        return self._asked(self.store.request_cancel, task_id)
+
+    def ping(self):
+        return self._asked(self.store.ping)
+
+    def _quietly(self, step, *args, default=None):
+        """``step(*args)``, or ``default`` when the store is down."""
         if self._cooling_down():
             return default
         try:
-            result = getattr(self.store, method)(*args)
+            result = step(*args)
         except Exception as error:  # redis, sqlite3 and socket errors alike
             self._failed(error)
             return default
         self._answered()
         return result
 
-    def query(self, method, *args):
-        """``store.method(*args)`` for the status API: raises StoreUnavailable."""
+    def _asked(self, step, *args):
+        """``step(*args)`` for the status API: raises StoreUnavailable."""
         if self._cooling_down():
             raise StoreUnavailable(self.provider, "task store (%s) is unavailable" % self.provider)
         try:
-            result = getattr(self.store, method)(*args)
+            result = step(*args)
         except Exception as error:
             self._failed(error)
             raise StoreUnavailable(self.provider, "task store (%s) is unavailable: %s" % (self.provider, error))
@@ -505,7 +574,7 @@ class Task:
         With the store down the claim is let through (nothing to check against)."""
         with self.lock:
             self.written_at = time.monotonic()
-            return self.board.call("claim", self.document(), default=True)
+            return self.board.claim(self.document())
 
     def set(self, state=None, stage=None, message=None, **extensions):
         """Change the document; the watcher writes it within a tick."""
@@ -529,7 +598,7 @@ class Task:
             self.finished = True
             self.state, self.stage, self.message = state, stage, message
             self.extensions.update(extensions)
-            self.board.call("put", [self.document()])
+            self.board.put([self.document()])
 
 
 def flush_tasks(board, tasks, heartbeat_sec):
@@ -545,7 +614,7 @@ def flush_tasks(board, tasks, heartbeat_sec):
             task.lock.release()
     try:
         if due:
-            board.call("put", [t.document() for t in due])
+            board.put([t.document() for t in due])
             for task in due:
                 task.dirty = False
                 task.written_at = now
