@@ -66,7 +66,7 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
-import gateway
+from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
 
 # ================================================================ settings
 
@@ -130,11 +130,6 @@ LINGER_DRAIN = 64 * 1024
 # ================================================================ the answers the worker gives itself
 
 
-REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed", 408: "Request Timeout",
-           414: "URI Too Long", 417: "Expectation Failed", 429: "Too Many Requests",
-           431: "Request Header Fields Too Large", 501: "Not Implemented"}
-
-
 class Refusal(Exception):
     """A request the worker answers itself (status, code, message), then closes."""
 
@@ -147,10 +142,10 @@ class Refusal(Exception):
 
     def response(self, path, with_body=True):
         """The whole HTTP answer: the gateway's error in the shape of the
-        route's clients (gateway.error_document), and Connection: close."""
-        error = gateway.GatewayError(self.status, self.code, self.message)
-        body = json.dumps(gateway.error_document(path, error, None)).encode()
-        head = ["HTTP/1.1 %d %s" % (self.status, REASONS[self.status]),
+        route's clients (edgegate_errors.error_document), and Connection: close."""
+        error = GatewayError(self.status, self.code, self.message)
+        body = json.dumps(error_document(path, error, None)).encode()
+        head = ["HTTP/1.1 " + status_line(self.status),
                 "Date: " + email.utils.formatdate(usegmt=True),
                 "Content-Type: application/json",
                 "Content-Length: %d" % len(body),
@@ -160,82 +155,103 @@ class Refusal(Exception):
 
 def malformed_head(error, sizes, head=None):
     """The Refusal for one of gunicorn's parse errors (gunicorn/http/errors.py,
-    raised by gunicorn/http/message.py), with the status gunicorn's own
-    answer has (gunicorn/workers/base.py, handle_error): 414 for the request
-    line, 431 for the header fields, 417, 501, else 400. Its message names
-    what is wrong; of the request it repeats at most a method or a header
-    name, cut short and escaped (gateway.printable), never a value or a
-    line, which may hold a key. ``head`` is the head's bytes (None: not known).
+    raised by gunicorn/http/message.py), from ``HEAD_REFUSALS``: the status
+    gunicorn's own answer has (gunicorn/workers/base.py, handle_error): 414
+    for the request line, 431 for the header fields, 417, 501, else 400. Its
+    message names what is wrong; of the request it repeats at most a method
+    or a header name, cut short and escaped (``printable``), never a value or
+    a line, which may hold a key. ``head`` is the head's bytes (None: not known).
     """
-    def quoted(header_name):
-        return '"%s"' % gateway.printable(header_name.title()[:40])
-
-    if isinstance(error, LimitRequestLine):
-        limit = sizes.line or 1024 * 1024  # limit_request_line 0: gunicorn_h1c's 1 MiB (Request.__init__)
-        return Refusal(414, "request_line_too_long", "the request line is longer than %d bytes" % limit)
-    if isinstance(error, LimitRequestHeaders):
-        # gunicorn's messages (message.py, parse_headers and _parse_python)
-        if str(error) == "limit request headers fields":
-            message = "the request has more than %d header fields" % sizes.fields
-        elif str(error) == "limit request headers fields size":
-            message = "a header field line is longer than %d bytes, its CRLF included" % sizes.field_size
-        else:  # "max buffer headers"
-            message = "the header fields are over %d bytes in all" % sizes.header_section
-        return Refusal(431, "request_header_fields_too_large", message)
-    if isinstance(error, InvalidRequestLine):
-        if "bare LF" in str(error):
-            return Refusal(400, "invalid_request", "the request line ends with a bare LF, not CRLF")
-        return Refusal(400, "invalid_request", 'invalid request line: it must be "METHOD /path HTTP/1.1", '
-                                               'the path in printable ASCII (percent-encode the rest)')
-    if isinstance(error, InvalidRequestMethod):
-        return Refusal(400, "invalid_request", 'invalid method "%s": a method is an upper-case token such as '
-                                               'GET or POST' % gateway.printable(str(error.method)[:20]))
-    if isinstance(error, InvalidHTTPVersion):
-        return Refusal(400, "invalid_request", "invalid HTTP version: the gateway speaks HTTP/1.0 and HTTP/1.1")
-    if isinstance(error, InvalidHeaderName):
-        if "_" in error.hdr and TOKEN_RE.fullmatch(error.hdr):  # header_map = "refuse"
-            return Refusal(400, "invalid_request", "header name %s has an underscore, which is refused "
-                                                   "(a WSGI application reads it as a hyphen)" % quoted(error.hdr))
-        return Refusal(400, "invalid_request", "invalid header name %s: a name is letters, digits and "
-                                               "!#$%%&'*+-.^_`|~, without spaces" % quoted(error.hdr))
-    if isinstance(error, InvalidHeader):
-        # gunicorn raises it with a header's name, with the request for a
-        # framing or repeat error (message.py, set_body_reader and
-        # _apply_header_policy), or with the whole line when it has no colon.
-        hdr = str(error.hdr)
-        if hdr == "bare LF as line terminator":
-            return Refusal(400, "invalid_request", "a header line ends with a bare LF, not CRLF")
-        if hdr == "CONTENT-LENGTH" and error.req is not None:
-            message = ("invalid Content-Length: it must be one decimal number of bytes, "
-                       "given once and without Transfer-Encoding")
-        elif hdr == "TRANSFER-ENCODING" and error.req is not None:
-            message = "invalid Transfer-Encoding: it must end with chunked, name it once, and not be on HTTP/1.0"
-        elif error.req is not None:
-            message = "header %s is given more than once" % quoted(hdr)
-        elif head is None:  # in a thread, where the head is read: which of the two below is not known
-            message = 'a header line is not "Name: value", or a value holds a control character'
-        elif TOKEN_RE.fullmatch(hdr) and (hdr + ":").encode("latin-1") in head.upper():
-            message = "the value of header %s holds a control character" % quoted(hdr)
-        else:
-            message = 'a header line is not "Name: value"'
-        return Refusal(400, "invalid_request", message)
-    if isinstance(error, ObsoleteFolding):
-        return Refusal(400, "invalid_request", "header %s is folded onto a line that starts with a space or "
-                                               "tab (obsolete line folding)" % quoted(str(error.hdr)))
-    if isinstance(error, ExpectationFailed):
-        return Refusal(417, "expectation_failed", 'the only Expect understood is "100-continue"')
-    if isinstance(error, UnsupportedTransferCoding):
-        return Refusal(501, "unsupported_transfer_coding",
-                       "unsupported Transfer-Encoding: send the body with Content-Length, or chunked")
-    if isinstance(error, InvalidSchemeHeaders):
-        return Refusal(400, "invalid_request", "the request's scheme headers (X-Forwarded-Proto, ...) disagree")
-    if isinstance(error, ForbiddenProxyRequest):
-        return Refusal(403, "proxy_not_allowed", "a PROXY protocol header from an address not in proxy_allow_ips")
-    if isinstance(error, (InvalidProxyLine, InvalidProxyHeader)):
-        return Refusal(400, "invalid_request", "malformed PROXY protocol header")
-    if isinstance(error, (InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension)):
-        return Refusal(400, "invalid_request", "malformed chunked request body")
+    for kind, status, code, message in HEAD_REFUSALS:
+        if isinstance(error, kind):
+            return Refusal(status, code, message if isinstance(message, str) else message(error, sizes, head))
     return Refusal(400, "invalid_request", "malformed request head")
+
+
+def _quoted(header_name):
+    return '"%s"' % printable(header_name.title()[:40])
+
+
+def _line_too_long(error, sizes, head):
+    limit = sizes.line or 1024 * 1024  # limit_request_line 0: gunicorn_h1c's 1 MiB (Request.__init__)
+    return "the request line is longer than %d bytes" % limit
+
+
+def _too_many_header_bytes(error, sizes, head):
+    # gunicorn's messages (message.py, parse_headers and _parse_python)
+    if str(error) == "limit request headers fields":
+        return "the request has more than %d header fields" % sizes.fields
+    if str(error) == "limit request headers fields size":
+        return "a header field line is longer than %d bytes, its CRLF included" % sizes.field_size
+    return "the header fields are over %d bytes in all" % sizes.header_section  # "max buffer headers"
+
+
+def _bad_request_line(error, sizes, head):
+    if "bare LF" in str(error):
+        return "the request line ends with a bare LF, not CRLF"
+    return 'invalid request line: it must be "METHOD /path HTTP/1.1", the path in printable ASCII ' \
+           '(percent-encode the rest)'
+
+
+def _bad_method(error, sizes, head):
+    return 'invalid method "%s": a method is an upper-case token such as GET or POST' % printable(
+        str(error.method)[:20])
+
+
+def _bad_header_name(error, sizes, head):
+    if "_" in error.hdr and TOKEN_RE.fullmatch(error.hdr):  # header_map = "refuse"
+        return "header name %s has an underscore, which is refused (a WSGI application reads it as a hyphen)" \
+            % _quoted(error.hdr)
+    return "invalid header name %s: a name is letters, digits and !#$%%&'*+-.^_`|~, without spaces" \
+        % _quoted(error.hdr)
+
+
+def _bad_header(error, sizes, head):
+    """gunicorn raises InvalidHeader with a header's name, with the request
+    for a framing or repeat error (message.py, set_body_reader and
+    _apply_header_policy), or with the whole line when it has no colon."""
+    hdr = str(error.hdr)
+    if hdr == "bare LF as line terminator":
+        return "a header line ends with a bare LF, not CRLF"
+    if hdr == "CONTENT-LENGTH" and error.req is not None:
+        return "invalid Content-Length: it must be one decimal number of bytes, given once and without " \
+               "Transfer-Encoding"
+    if hdr == "TRANSFER-ENCODING" and error.req is not None:
+        return "invalid Transfer-Encoding: it must end with chunked, name it once, and not be on HTTP/1.0"
+    if error.req is not None:
+        return "header %s is given more than once" % _quoted(hdr)
+    if head is None:  # in a thread, where the head is read: which of the two below is not known
+        return 'a header line is not "Name: value", or a value holds a control character'
+    if TOKEN_RE.fullmatch(hdr) and (hdr + ":").encode("latin-1") in head.upper():
+        return "the value of header %s holds a control character" % _quoted(hdr)
+    return 'a header line is not "Name: value"'
+
+
+def _folded(error, sizes, head):
+    return "header %s is folded onto a line that starts with a space or tab (obsolete line folding)" % _quoted(
+        str(error.hdr))
+
+
+# gunicorn's parse error -> (status, code, message: text, or a function of (error, sizes, head)).
+# The first row whose kind matches counts.
+HEAD_REFUSALS = (
+    (LimitRequestLine, 414, "request_line_too_long", _line_too_long),
+    (LimitRequestHeaders, 431, "request_header_fields_too_large", _too_many_header_bytes),
+    (InvalidRequestLine, 400, "invalid_request", _bad_request_line),
+    (InvalidRequestMethod, 400, "invalid_request", _bad_method),
+    (InvalidHTTPVersion, 400, "invalid_request", "invalid HTTP version: the gateway speaks HTTP/1.0 and HTTP/1.1"),
+    (InvalidHeaderName, 400, "invalid_request", _bad_header_name),
+    (InvalidHeader, 400, "invalid_request", _bad_header),
+    (ObsoleteFolding, 400, "invalid_request", _folded),
+    (ExpectationFailed, 417, "expectation_failed", 'the only Expect understood is "100-continue"'),
+    (UnsupportedTransferCoding, 501, "unsupported_transfer_coding",
+     "unsupported Transfer-Encoding: send the body with Content-Length, or chunked"),
+    (InvalidSchemeHeaders, 400, "invalid_request", "the request's scheme headers (X-Forwarded-Proto, ...) disagree"),
+    (ForbiddenProxyRequest, 403, "proxy_not_allowed", "a PROXY protocol header from an address not in proxy_allow_ips"),
+    ((InvalidProxyLine, InvalidProxyHeader), 400, "invalid_request", "malformed PROXY protocol header"),
+    ((InvalidChunkSize, ChunkMissingTerminator, InvalidChunkExtension), 400, "invalid_request",
+     "malformed chunked request body"),
+)
 
 
 # ================================================================ what the parser reads from
@@ -361,27 +377,31 @@ class ChunkedBody:
                     raise bad_chunk("chunk data is not followed by CRLF")
                 pos += 2
                 self.state = "size"
-            else:  # "trailers": after the last chunk, an empty line or trailer fields then one
-                if len(data) - pos < 2:
-                    return pos
-                if data[pos:pos + 2] == b"\r\n":
-                    self.done = True
-                    return pos + 2
-                end = data.find(b"\r\n\r\n", pos)
-                section = bytes(data[pos:end if end >= 0 else len(data)])
-                if section.count(b"\n") != section.count(b"\r\n"):
-                    raise bad_chunk("a trailer line ends with a bare LF")
-                if end < 0:
-                    if len(section) > self.trailer_limit:
-                        raise bad_chunk("the trailer section is over %d bytes" % self.trailer_limit)
-                    return pos
-                try:
-                    self.request.parse_headers(section, from_trailer=True)
-                except Exception as error:  # gunicorn's InvalidHeader, LimitRequestHeaders, ...
-                    raise bad_chunk("a trailer field is refused (%s)" % error)
-                self.done = True
-                return end + 4
+            else:  # "trailers"
+                return self.trailers(data, pos)
         return pos
+
+    def trailers(self, data, pos):
+        """After the last chunk: an empty line, or trailer fields then one."""
+        if len(data) - pos < 2:
+            return pos
+        if data[pos:pos + 2] == b"\r\n":
+            self.done = True
+            return pos + 2
+        end = data.find(b"\r\n\r\n", pos)
+        section = bytes(data[pos:end if end >= 0 else len(data)])
+        if section.count(b"\n") != section.count(b"\r\n"):
+            raise bad_chunk("a trailer line ends with a bare LF")
+        if end < 0:
+            if len(section) > self.trailer_limit:
+                raise bad_chunk("the trailer section is over %d bytes" % self.trailer_limit)
+            return pos
+        try:
+            self.request.parse_headers(section, from_trailer=True)
+        except Exception as error:  # gunicorn's InvalidHeader, LimitRequestHeaders, ...
+            raise bad_chunk("a trailer field is refused (%s)" % error)
+        self.done = True
+        return end + 4
 
     def start_chunk(self, line):
         size, *extension = line.split(b";", 1)
@@ -452,121 +472,10 @@ class ArrivingRequest:
 # ================================================================ the worker
 
 
-class BufferingWorker(ThreadWorker):
-    """gunicorn's gthread worker, reading each request in before a thread runs it.
-
-    What it does to a request: the main thread reads what has arrived on
-    each connection into a buffer (never blocking) until the head and the
-    whole body are in; gunicorn's own Request class parses the head, and a
-    chunked body is checked as it arrives. Then the connection goes to the
-    thread pool with a ``BufferedSource`` in front of its socket, and
-    gunicorn's handler and the application run as with gthread. A request
-    that takes too long, is malformed or is refused by the rules above is
-    answered here, and its connection closed. A body declared over
-    MAX_BODY_BYTES is handed on at once (a chunked one as soon as it goes
-    over), unread, so that the application answers 413; its connection is
-    then closed instead of drained. Kept-alive connections come back to the
-    poller and their next request is read the same way.
-
-    Set in gunicorn.conf.py:  ``worker_class = "edgegate_worker.BufferingWorker"``
-    """
-
-    def init_process(self):
-        self.limits = client_limits(gateway.app.config)
-        # TLS, HTTP/2, uwsgi and the PROXY protocol put bytes before or
-        # around the HTTP/1 request that this worker does not read; with
-        # them it leaves every connection to gthread as it is.
-        self.buffering = (not self.cfg.is_ssl and getattr(self.cfg, "protocol", "http") == "http"
-                          and getattr(self.cfg, "http2_cleartext", "off") == "off"
-                          and getattr(self.cfg, "proxy_protocol", "off") in ("off", False, None))
-        self.arriving = {}  # socket -> ArrivingRequest
-        self.lingering = {}  # socket -> BufferingConnection, closing
-        self.per_address = collections.Counter()  # open connections by client address
-        # The largest head gunicorn's parser reads without its blank line
-        # (gunicorn/http/message.py, Request._parse_python); past it, it answers 431 or 414.
-        self.head_sizes = head_sizes(self.cfg)
-        self.head_limit = self.head_sizes.header_section + (self.head_sizes.line or MAX_REQUEST_LINE) + 4
-        super().init_process()
-
-    # -- a new connection
-
-    def accept(self, listener):
-        if not self.buffering:
-            return super().accept(listener)
-        try:
-            sock, address = listener.accept()
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
-            return
-        self.nr_conns += 1
-        conn = BufferingConnection(self.cfg, sock, address, listener.getsockname())  # non-blocking
-        if conn.address is not None:
-            self.per_address[conn.address] += 1
-        cap = self.limits.max_connections_per_client
-        if cap and conn.address is not None and self.per_address[conn.address] > cap:
-            # Answered before its request is read, so that the refusal costs
-            # nothing but this write; lingering then reads what it sent.
-            self.refuse(conn, None, Refusal(
-                429, "too_many_connections",
-                "this client address has %d connections open; at most %d are served at once"
-                % (self.per_address[conn.address] - 1, cap), headers=[("Retry-After", "1")]))
-            return
-        self.arrive(ArrivingRequest(conn, b"", "head", time.monotonic() + self.limits.header_timeout_s))
-
-    # -- reading a request in the poller
-
-    def arrive(self, arriving):
-        """Watch a connection for its next request (already begun in ``arriving.data``)."""
-        self.arriving[arriving.conn.sock] = arriving
-        if arriving.data and not self.advance(arriving):
-            return
-        self.poller.register(arriving.conn.sock, selectors.EVENT_READ, functools.partial(self.on_readable, arriving))
-
-    def on_readable(self, arriving, sock):
-        try:
-            data = sock.recv(BODY_READ if arriving.phase == "body" else HEAD_READ)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = None  # reset by the client: like an end of stream, with nobody to answer
-        if not data:
-            self.ended(arriving, data is not None)
-            return
-        if arriving.phase == "waiting":
-            arriving.phase = "head"
-            arriving.started = time.monotonic()
-            arriving.deadline = arriving.started + self.limits.header_timeout_s
-        arriving.data += data
-        self.advance(arriving)
-
-    def ended(self, arriving, can_answer):
-        """The client ended its stream. Mid-body, the body was cut short:
-        it must not go upstream as if complete, so it is refused (the
-        client may have only half-closed, and can read the answer)."""
-        if arriving.phase == "body" and can_answer:
-            received = len(arriving.data) - arriving.body_start
-            expected = "of %d " % arriving.length if arriving.chunked is None else ""
-            self.refuse(arriving.conn, arriving, Refusal(
-                400, "invalid_request", "the request body ended after %d %sbytes" % (received, expected)))
-        else:
-            self.forget(arriving)
-            self.close(arriving.conn)
-
-    def advance(self, arriving):
-        """Judge what has arrived: hand the request on once it is all in,
-        answer it here if it is refused. Returns False once the connection
-        has left the poller's care (handed on or closed)."""
-        try:
-            if arriving.phase == "head" and not self.read_head(arriving):
-                return True
-            if not self.body_is_in(arriving):
-                return True
-        except Refusal as refusal:
-            self.refuse(arriving.conn, arriving, refusal)
-            return False
-        self.hand_on(arriving)
-        return False
+class HeadJudging:
+    """What the worker judges from the bytes of a request as they arrive
+    (part of ``BufferingWorker``): where the head ends, whether gunicorn's
+    parser or this worker refuses it, and whether the whole body is in."""
 
     def read_head(self, arriving):
         """True once the head is in and ``arriving.request`` set. Raises
@@ -659,54 +568,10 @@ class BufferingWorker(ThreadWorker):
             conn.continue_sent = True
         return complete
 
-    # -- from the poller to a thread, and back
 
-    def hand_on(self, arriving):
-        """The request is in: give the connection to a thread, its bytes first."""
-        conn = arriving.conn
-        self.forget(arriving)
-        if conn.parser is None:
-            conn.parser = RequestParser(self.cfg, conn.source, conn.client)
-        conn.source.load(arriving.data)
-        conn.data_ready = True  # skip gthread's own wait for a first byte (ThreadWorker.handle)
-        self.enqueue_req(conn)
-
-    def handle_request(self, req, conn):
-        """In the thread, with the request parsed again by gunicorn."""
-        if not self.buffering:
-            return super().handle_request(req, conn)
-        conn.requests += 1
-        # The body is in already, or is not wanted: no 100 Continue from
-        # gunicorn now (gunicorn/http/wsgi.py, create, sends one when this is set).
-        req._expected_100_continue = False
-        if conn.over_limit:
-            req.force_close()  # its body is not read, so the connection cannot serve another request
-        conn.continue_sent = conn.over_limit = False
-        return super().handle_request(req, conn)
-
-    def finish_request(self, conn, fs):
-        """Back on the main thread after a request (ThreadWorker.enqueue_req's
-        callback). A kept-alive connection returns to the poller, with the
-        bytes the thread read past its request (a pipelined next request)."""
-        if not self.buffering:
-            return super().finish_request(conn, fs)
-        try:
-            keep = not fs.cancelled() and fs.result() is True
-        except Exception:
-            keep = False
-        if not keep:
-            self.close(conn, graceful=True)
-            return
-        rest = conn.parser.unreader.take_buffered() + conn.source.take_rest()
-        conn.sock.setblocking(False)
-        now = time.monotonic()
-        if rest:
-            arriving = ArrivingRequest(conn, rest, "head", now + self.limits.header_timeout_s)
-        else:
-            arriving = ArrivingRequest(conn, b"", "waiting", now + self.cfg.keepalive)
-        self.arrive(arriving)
-
-    # -- answering, closing, timing out
+class Answering:
+    """How the worker answers a request itself, times one out, and ends a
+    connection (part of ``BufferingWorker``)."""
 
     def refuse(self, conn, arriving, refusal):
         """Answer a refusal, log it as gunicorn logs a request, and close."""
@@ -719,7 +584,7 @@ class BufferingWorker(ThreadWorker):
         answer = refusal.response(path, with_body=method != "HEAD")
         sent = self.send_quietly(conn.sock, answer)
         started = arriving.started if arriving is not None else time.monotonic()
-        gateway.access_log.write(gateway.access_line(conn.address, method, path, refusal.status, started,
+        access_log.write(access_line(conn.address, method, path, refusal.status, started,
                                                      bytes_out=max(sent, 0)))
         self.close(conn, graceful=True)
 
@@ -747,7 +612,7 @@ class BufferingWorker(ThreadWorker):
         except OSError:
             sent = 0
         address = addr[0] if isinstance(addr, tuple) else None
-        gateway.access_log.write(gateway.access_line(address, method, path, refusal.status, started, bytes_out=sent))
+        access_log.write(access_line(address, method, path, refusal.status, started, bytes_out=sent))
 
     def send_quietly(self, sock, data):
         """A small write on a non-blocking socket: it fits the empty send
@@ -756,13 +621,6 @@ class BufferingWorker(ThreadWorker):
             return sock.send(data)
         except OSError:
             return 0
-
-    def forget(self, arriving):
-        self.arriving.pop(arriving.conn.sock, None)
-        try:
-            self.poller.unregister(arriving.conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
 
     def close(self, conn, graceful=False):
         """The one way a connection ends. Graceful: send our FIN, then read
@@ -810,6 +668,26 @@ class BufferingWorker(ThreadWorker):
                 del self.per_address[conn.address]
         conn.close()
 
+    def ended(self, arriving, can_answer):
+        """The client ended its stream. Mid-body, the body was cut short:
+        it must not go upstream as if complete, so it is refused (the
+        client may have only half-closed, and can read the answer)."""
+        if arriving.phase == "body" and can_answer:
+            received = len(arriving.data) - arriving.body_start
+            expected = "of %d " % arriving.length if arriving.chunked is None else ""
+            self.refuse(arriving.conn, arriving, Refusal(
+                400, "invalid_request", "the request body ended after %d %sbytes" % (received, expected)))
+        else:
+            self.forget(arriving)
+            self.close(arriving.conn)
+
+    def forget(self, arriving):
+        self.arriving.pop(arriving.conn.sock, None)
+        try:
+            self.poller.unregister(arriving.conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
     def murder_keepalived(self, force=False):
         """Every pass of ThreadWorker.run's loop (about once a second, and
         with ``force`` at the end): time out the requests still arriving and
@@ -841,3 +719,153 @@ class BufferingWorker(ThreadWorker):
             if force or now >= conn.linger_until:
                 self.release(conn)
 
+
+class BufferingWorker(HeadJudging, Answering, ThreadWorker):
+    """gunicorn's gthread worker, reading each request in before a thread runs it.
+
+    What it does to a request: the main thread reads what has arrived on
+    each connection into a buffer (never blocking) until the head and the
+    whole body are in; gunicorn's own Request class parses the head, and a
+    chunked body is checked as it arrives. Then the connection goes to the
+    thread pool with a ``BufferedSource`` in front of its socket, and
+    gunicorn's handler and the application run as with gthread. A request
+    that takes too long, is malformed or is refused by the rules above is
+    answered here, and its connection closed. A body declared over
+    MAX_BODY_BYTES is handed on at once (a chunked one as soon as it goes
+    over), unread, so that the application answers 413; its connection is
+    then closed instead of drained. Kept-alive connections come back to the
+    poller and their next request is read the same way.
+
+    Set in gunicorn.conf.py:  ``worker_class = "edgegate_worker.BufferingWorker"``
+    """
+
+    def init_process(self):
+        self.limits = client_limits(self.edgegate)  # set by gunicorn.conf.py's post_fork
+        # TLS, HTTP/2, uwsgi and the PROXY protocol put bytes before or
+        # around the HTTP/1 request that this worker does not read; with
+        # them it leaves every connection to gthread as it is.
+        self.buffering = (not self.cfg.is_ssl and getattr(self.cfg, "protocol", "http") == "http"
+                          and getattr(self.cfg, "http2_cleartext", "off") == "off"
+                          and getattr(self.cfg, "proxy_protocol", "off") in ("off", False, None))
+        self.arriving = {}  # socket -> ArrivingRequest
+        self.lingering = {}  # socket -> BufferingConnection, closing
+        self.per_address = collections.Counter()  # open connections by client address
+        # The largest head gunicorn's parser reads without its blank line
+        # (gunicorn/http/message.py, Request._parse_python); past it, it answers 431 or 414.
+        self.head_sizes = head_sizes(self.cfg)
+        self.head_limit = self.head_sizes.header_section + (self.head_sizes.line or MAX_REQUEST_LINE) + 4
+        super().init_process()
+
+    # -- a new connection
+
+    def accept(self, listener):
+        if not self.buffering:
+            return super().accept(listener)
+        try:
+            sock, address = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = BufferingConnection(self.cfg, sock, address, listener.getsockname())  # non-blocking
+        if conn.address is not None:
+            self.per_address[conn.address] += 1
+        cap = self.limits.max_connections_per_client
+        if cap and conn.address is not None and self.per_address[conn.address] > cap:
+            # Answered before its request is read, so that the refusal costs
+            # nothing but this write; lingering then reads what it sent.
+            self.refuse(conn, None, Refusal(
+                429, "too_many_connections",
+                "this client address has %d connections open; at most %d are served at once"
+                % (self.per_address[conn.address] - 1, cap), headers=[("Retry-After", "1")]))
+            return
+        self.arrive(ArrivingRequest(conn, b"", "head", time.monotonic() + self.limits.header_timeout_s))
+
+    # -- reading a request in the poller
+
+    def arrive(self, arriving):
+        """Watch a connection for its next request (already begun in ``arriving.data``)."""
+        self.arriving[arriving.conn.sock] = arriving
+        if arriving.data and not self.advance(arriving):
+            return
+        self.poller.register(arriving.conn.sock, selectors.EVENT_READ, functools.partial(self.on_readable, arriving))
+
+    def on_readable(self, arriving, sock):
+        try:
+            data = sock.recv(BODY_READ if arriving.phase == "body" else HEAD_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = None  # reset by the client: like an end of stream, with nobody to answer
+        if not data:
+            self.ended(arriving, data is not None)
+            return
+        if arriving.phase == "waiting":
+            arriving.phase = "head"
+            arriving.started = time.monotonic()
+            arriving.deadline = arriving.started + self.limits.header_timeout_s
+        arriving.data += data
+        self.advance(arriving)
+
+    def advance(self, arriving):
+        """Judge what has arrived: hand the request on once it is all in,
+        answer it here if it is refused. Returns False once the connection
+        has left the poller's care (handed on or closed)."""
+        try:
+            if arriving.phase == "head" and not self.read_head(arriving):
+                return True
+            if not self.body_is_in(arriving):
+                return True
+        except Refusal as refusal:
+            self.refuse(arriving.conn, arriving, refusal)
+            return False
+        self.hand_on(arriving)
+        return False
+
+    # -- from the poller to a thread, and back
+
+    def hand_on(self, arriving):
+        """The request is in: give the connection to a thread, its bytes first."""
+        conn = arriving.conn
+        self.forget(arriving)
+        if conn.parser is None:
+            conn.parser = RequestParser(self.cfg, conn.source, conn.client)
+        conn.source.load(arriving.data)
+        conn.data_ready = True  # skip gthread's own wait for a first byte (ThreadWorker.handle)
+        self.enqueue_req(conn)
+
+    def handle_request(self, req, conn):
+        """In the thread, with the request parsed again by gunicorn."""
+        if not self.buffering:
+            return super().handle_request(req, conn)
+        conn.requests += 1
+        # The body is in already, or is not wanted: no 100 Continue from
+        # gunicorn now (gunicorn/http/wsgi.py, create, sends one when this is set).
+        req._expected_100_continue = False
+        if conn.over_limit:
+            req.force_close()  # its body is not read, so the connection cannot serve another request
+        conn.continue_sent = conn.over_limit = False
+        return super().handle_request(req, conn)
+
+    def finish_request(self, conn, fs):
+        """Back on the main thread after a request (ThreadWorker.enqueue_req's
+        callback). A kept-alive connection returns to the poller, with the
+        bytes the thread read past its request (a pipelined next request)."""
+        if not self.buffering:
+            return super().finish_request(conn, fs)
+        try:
+            keep = not fs.cancelled() and fs.result() is True
+        except Exception:
+            keep = False
+        if not keep:
+            self.close(conn, graceful=True)
+            return
+        rest = conn.parser.unreader.take_buffered() + conn.source.take_rest()
+        conn.sock.setblocking(False)
+        now = time.monotonic()
+        if rest:
+            arriving = ArrivingRequest(conn, rest, "head", now + self.limits.header_timeout_s)
+        else:
+            arriving = ArrivingRequest(conn, b"", "waiting", now + self.cfg.keepalive)
+        self.arrive(arriving)

@@ -1,8 +1,9 @@
 """gunicorn settings for edgegate: ``gunicorn -c gunicorn.conf.py gateway:app``.
 
-Every value comes from the gateway's one configuration (``gateway.Config``),
-so a bad environment variable stops the start with one line, before any
-worker is forked.
+Every value comes from the gateway's one configuration
+(``edgegate_config.Config``), read here, once, when gunicorn starts: a bad
+environment variable stops the start with one line, before any worker is
+forked. The app (``gateway:app``) and the worker get it from here.
 """
 
 import logging
@@ -10,9 +11,12 @@ import os
 import shutil
 import sys
 
+import edgegate_config
+import edgegate_errors
 import gateway
 
-edgegate = gateway.load_config()  # not "config": that name is a gunicorn setting
+edgegate = edgegate_config.load_config()  # not "config": that name is a gunicorn setting
+gateway.app.configure(edgegate)  # built here, in the arbiter; each worker starts its services after the fork
 
 bind = edgegate.bind  # GATEWAY_BIND, default 0.0.0.0:11535
 workers = edgegate.workers  # WORKERS: processes; the GPU slot is shared by all of them
@@ -58,6 +62,10 @@ control_socket_disable = True
 accesslog = None
 
 METRICS_DIR = os.path.join(edgegate.state_dir, "metrics")
+# prometheus_client's multiprocess mode reads its directory from the
+# environment; set here for every worker (an inherited value would send
+# the workers' values where /metrics does not read them).
+raw_env = ["PROMETHEUS_MULTIPROC_DIR=" + METRICS_DIR]
 
 
 def on_starting(server):
@@ -68,14 +76,16 @@ def on_starting(server):
 
 
 def post_fork(server, worker):
-    """The gateway's own messages (store down, upstream without Ollama's
-    native API, internal errors) go to gunicorn's error log, formatted alike;
-    its access lines go to stdout, one per request."""
+    """The worker gets the configuration (its client limits). The gateway's
+    own messages (store down, upstream without Ollama's native API, internal
+    errors) go to gunicorn's error log, formatted alike; its access lines go
+    to stdout, one per request."""
+    worker.edgegate = edgegate
     gateway_log = logging.getLogger("edgegate")
     gateway_log.handlers = server.log.error_log.handlers
     gateway_log.setLevel(logging.INFO)
     gateway_log.propagate = False
-    gateway.access_log.to(sys.stdout)
+    edgegate_errors.access_log.to(sys.stdout)
 
 
 def child_exit(server, worker):

@@ -15,7 +15,7 @@ the client:
   (``trust_env = False``, so no proxy or netrc lookups), ``stream=True``, the
   answer read from ``response.raw`` (urllib3). That is requests used the
   usual way; edgegate reads ``raw`` the same way but calls requests'
-  ``HTTPAdapter`` itself, without a Session (gateway.py, ``Upstream``).
+  ``HTTPAdapter`` itself, without a Session (edgegate_upstream.py, ``Upstream``).
 - ``http.client``: one ``http.client.HTTPConnection`` per thread, kept alive,
   reconnected once when the upstream has closed a kept-alive connection.
 

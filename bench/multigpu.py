@@ -28,7 +28,9 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
 STATE_DIR = tempfile.mkdtemp(prefix="edgegate-bench-multigpu-")
 os.environ["STATE_DIR"] = STATE_DIR  # before gateway is imported: its module builds a Config
 
-import gateway  # noqa: E402
+import edgegate_config  # noqa: E402
+import edgegate_slots  # noqa: E402
+import edgegate_upstream  # noqa: E402
 from run import Processes, start_queueing_edgegate  # noqa: E402  (the benchmark's own process helpers)
 from stub_upstream import StubServer  # noqa: E402
 
@@ -70,18 +72,18 @@ def per_call_us(call, n=20000):
 
 
 def routing_cost():
-    two = gateway.Config.from_environ(dict(os.environ, UPSTREAM_BASE="http://127.0.0.1:1,http://127.0.0.1:2",
-                                           GPU_LOCK_DIR=tempfile.mkdtemp(dir=STATE_DIR)))
-    upstreams = gateway.Upstreams(two)
-    upstreams.all[1].loaded = frozenset({"llama3.2:latest"})
+    two = edgegate_config.Config.from_environ(dict(os.environ, UPSTREAM_BASE="http://127.0.0.1:1,http://127.0.0.1:2",
+                                                   GPU_LOCK_DIR=tempfile.mkdtemp(dir=STATE_DIR)))
+    choice = edgegate_upstream.Upstreams(two).choice
+    choice.gpus[1].loaded = frozenset({"llama3.2:latest"})
     place = {"model": "llama3.2", "since": time.time()}
-    choose = per_call_us(lambda: upstreams.choose(range(2), place))
-    routed = gateway.GpuSlots(two.gpu_lock_dir, 2, upstreams.choose)
-    plain = gateway.GpuSlots(tempfile.mkdtemp(dir=STATE_DIR), 2)
+    choose = per_call_us(lambda: choice.choose(range(2), place))
+    routed = edgegate_slots.GpuSlots(two.gpu_lock_dir, 2, choice.choose)
+    plain = edgegate_slots.GpuSlots(tempfile.mkdtemp(dir=STATE_DIR), 2)
     holder = {"pid": os.getpid(), "task_id": "bench", "path": "/api/chat", "since": time.time()}
     take_routed = per_call_us(lambda: routed.try_take(holder, place).release(), 5000)
     take_plain = per_call_us(lambda: plain.try_take(holder, place).release(), 5000)
-    print("routing choice (Upstreams.choose, 2 slots):       %.1f us per request" % choose)
+    print("routing choice (GpuChoice.choose, 2 slots):      %.1f us per request" % choose)
     print("take and free a slot, routed / one upstream:     %.1f us / %.1f us (+%.1f us)"
           % (take_routed, take_plain, take_routed - take_plain))
 

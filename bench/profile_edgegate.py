@@ -21,7 +21,7 @@ window after the other under the same load:
 
 Prints markdown tables: the top functions by self and by inclusive time, the
 same grouped by module, and perf's split by shared object and its top
-symbols. Rerun it after any change to gateway.py: it needs only the checkout,
+symbols. Rerun it after any change to the gateway's modules: it needs only the checkout,
 py-spy and (optionally) perf.
 """
 
@@ -41,7 +41,7 @@ import run  # noqa: E402  (bench/run.py: the same processes and requests as the 
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # Modules by where their file lives, for the grouped view (py-spy shows paths below site-packages or the stdlib).
 AREAS = [
-    ("edgegate: gateway.py", r"(^|/)gateway\.py$"),
+    ("edgegate: gateway.py and edgegate_*.py", r"(^|/)(gateway|edgegate_\w+)\.py$"),
     ("edgegate: status.py (task store)", r"(^|/)status\.py$"),
     ("the app under test", r"(^|/)empty_app\.py$"),
     ("gunicorn", r"(^|/)gunicorn/"),
@@ -192,7 +192,9 @@ def python_report(stacks, seconds_per_sample, cpu, top):
     return lines
 
 
-APP_FILES = ("gateway.py", "status.py", "empty_app.py")
+APP_FILES = ("gateway.py", "status.py", "empty_app.py", "edgegate_body.py", "edgegate_cloud.py",
+             "edgegate_config.py", "edgegate_errors.py", "edgegate_metrics.py", "edgegate_relay.py",
+             "edgegate_slots.py", "edgegate_upstream.py", "edgegate_worker.py")
 APP_DEPTH = 4
 
 

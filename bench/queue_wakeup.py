@@ -7,7 +7,7 @@ waiting request reaches the upstream.
 
 It starts the stub upstream (tests/stub_upstream.py) in this process and
 edgegate under gunicorn (2 workers, SLOT_WAIT_S=30). Each round this process
-takes the slot itself, the way a worker does (``gateway.GpuSlots``), sends
+takes the slot itself, the way a worker does (``edgegate_slots.GpuSlots``), sends
 one request, which joins the line, and once the request sleeps in the line
 notes the time and releases the slot (``Slot.release``, which wakes the
 line as a worker's release does). The stub notes when the request arrives;
@@ -32,7 +32,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
 STATE_DIR = tempfile.mkdtemp(prefix="edgegate-bench-queue-")
 os.environ["STATE_DIR"] = STATE_DIR  # before gateway is imported: its module builds a Config
 
-import gateway  # noqa: E402
+import edgegate_slots  # noqa: E402
 from conftest import wait_until  # noqa: E402
 from run import Processes, start_queueing_edgegate  # noqa: E402  (the benchmark's own process helpers)
 from stub_upstream import StubServer  # noqa: E402
@@ -75,7 +75,7 @@ def main():
     stub = StubServer().start()
     procs = Processes()
     lock_dir = os.path.join(STATE_DIR, "locks")  # the gateway's and this process's: one slot, one line
-    slots = gateway.GpuSlots(lock_dir, 1)
+    slots = edgegate_slots.GpuSlots(lock_dir, 1)
     try:
         url = start_queueing_edgegate(procs, stub.url, GPU_LOCK_DIR=lock_dir).url
         for _ in range(5):  # warm the workers' connections

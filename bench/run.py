@@ -674,12 +674,12 @@ def _timed(work):
 
 
 def checkout():
-    """The commit of the edgegate under test, "+changes" when gateway.py or
-    status.py differ from it (gunicorn imports them from this checkout)."""
+    """The commit of the edgegate under test, "+changes" when its modules
+    differ from it (gunicorn imports them from this checkout)."""
     try:
         commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "gateway.py", "status.py"],
+        changed = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "*.py"],
                                  capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "(not a git checkout)"

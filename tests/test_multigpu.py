@@ -157,14 +157,14 @@ def test_the_line_is_served_in_arrival_order_by_whichever_gpu_frees_first(two_gp
 
 
 def test_several_upstreams_mean_one_slot_each():
-    import gateway
+    import edgegate_config
     two = {"UPSTREAM_BASE": "http://127.0.0.1:11434, http://127.0.0.1:11435"}
-    config = gateway.Config.from_environ(two)
+    config = edgegate_config.Config.from_environ(two)
     assert (config.upstream_bases, config.gpu_slots) == (("http://127.0.0.1:11434", "http://127.0.0.1:11435"), 2)
-    with pytest.raises(gateway.ConfigError, match="GPU_SLOTS='3': with 2 upstreams in UPSTREAM_BASE"):
-        gateway.Config.from_environ(dict(two, GPU_SLOTS="3"))
-    with pytest.raises(gateway.ConfigError, match="without /v1"):
-        gateway.Config.from_environ({"UPSTREAM_BASE": "http://127.0.0.1:11434,http://127.0.0.1:11435/v1"})
+    with pytest.raises(edgegate_config.ConfigError, match="GPU_SLOTS='3': with 2 upstreams in UPSTREAM_BASE"):
+        edgegate_config.Config.from_environ(dict(two, GPU_SLOTS="3"))
+    with pytest.raises(edgegate_config.ConfigError, match="without /v1"):
+        edgegate_config.Config.from_environ({"UPSTREAM_BASE": "http://127.0.0.1:11434,http://127.0.0.1:11435/v1"})
 
 
 def test_with_prefer_loaded_wait_the_head_of_the_line_waits_for_the_gpu_that_has_its_model(two_gpus):

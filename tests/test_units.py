@@ -11,8 +11,11 @@ os.environ.setdefault("STATE_DIR", tempfile.mkdtemp(prefix="edgegate-units-"))
 
 import pytest  # noqa: E402
 
+import edgegate_cloud  # noqa: E402
 import gateway  # noqa: E402
-from gateway import Config, ConfigError  # noqa: E402
+from edgegate_config import Config, ConfigError, keep_alive_seconds  # noqa: E402
+from edgegate_relay import token_counts  # noqa: E402
+from edgegate_upstream import ModelLifetimes  # noqa: E402
 
 
 def call(app, path, method="GET", body=b"", headers=None):
@@ -57,11 +60,11 @@ def test_proxied_errors_conform_to_pep_3333(validated):
                                            ("10", 10), (-1, float("inf")), ("-1m", float("inf")), ("0", 0),
                                            ("soon", None), (True, None), ("5x", None)])
 def test_keep_alive_durations(value, seconds):
-    assert gateway.keep_alive_seconds(value) == seconds
+    assert keep_alive_seconds(value) == seconds
 
 
 def test_model_lifetimes_skip_a_load_call_only_when_it_changes_nothing():
-    lifetimes = gateway.ModelLifetimes()
+    lifetimes = ModelLifetimes()
     assert lifetimes.needed("m", "30s")
     lifetimes.used("m", "30s")
     assert not lifetimes.needed("m", "30s")
@@ -75,9 +78,9 @@ def test_model_lifetimes_skip_a_load_call_only_when_it_changes_nothing():
 def test_token_counts_from_the_tail_of_each_shape():
     sse = b'data: {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 22}}\n\ndata: [DONE]\n\n'
     ndjson = b'{"done": true, "prompt_eval_count": 5, "eval_count": 6}\n'
-    assert gateway.token_counts(sse) == {"prompt_tokens": 11, "completion_tokens": 22}
-    assert gateway.token_counts(ndjson) == {"prompt_tokens": 5, "completion_tokens": 6}
-    assert gateway.token_counts(b'{"content": "the word \\"eval_count\\": 3 in text"}') == {}
+    assert token_counts(sse) == {"prompt_tokens": 11, "completion_tokens": 22}
+    assert token_counts(ndjson) == {"prompt_tokens": 5, "completion_tokens": 6}
+    assert token_counts(b'{"content": "the word \\"eval_count\\": 3 in text"}') == {}
 
 
 def test_cloud_stream_translation_survives_any_chunking():
@@ -89,15 +92,15 @@ def test_cloud_stream_translation_survives_any_chunking():
     wire = b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in events) + b"data: [DONE]\r\n\r\n"
     for size in (1, 7, 64, len(wire)):
         chunks = [wire[i:i + size] for i in range(0, len(wire), size)]
-        lines = [json.loads(line) for line in b"".join(gateway.openai_stream_to_ollama(iter(chunks), "openai/x")).splitlines()]
+        lines = [json.loads(line) for line in b"".join(edgegate_cloud.openai_stream_to_ollama(iter(chunks), "openai/x")).splitlines()]
         assert [line["message"]["content"] for line in lines[:2]] == ["Hel", "lo"]
         assert lines[2]["message"]["tool_calls"] == [{"function": {"name": "f", "arguments": {"a": 1}}}]
         assert (lines[-1]["done"], lines[-1]["prompt_eval_count"], lines[-1]["eval_count"]) == (True, 3, 4)
 
 
 def test_cloud_stream_without_done_is_an_error():
-    with pytest.raises(gateway.CloudError):
-        list(gateway.openai_stream_to_ollama(iter([b'data: {"choices": []}\n\n']), "openai/x"))
+    with pytest.raises(edgegate_cloud.CloudError):
+        list(edgegate_cloud.openai_stream_to_ollama(iter([b'data: {"choices": []}\n\n']), "openai/x"))
 
 
 def test_config_errors_name_the_variable(tmp_path):
@@ -105,7 +108,7 @@ def test_config_errors_name_the_variable(tmp_path):
         Config.from_environ({"STATE_DIR": str(tmp_path), "UPSTREAM_RETRIES": "many"})
     config = Config.from_environ({"STATE_DIR": str(tmp_path), "OLLAMA_BASE_URL": "http://gpu-box:11434/",
                                   "PROVIDER_TIMEOUT_SECONDS": "90", "MODEL_ALIASES": " a, b ,"})
-    assert (config.upstream_base, config.read_timeout_s, config.model_aliases) == ("http://gpu-box:11434", 90.0,
+    assert (config.upstream_bases[0], config.read_timeout_s, config.model_aliases) == ("http://gpu-box:11434", 90.0,
                                                                                    ("a", "b"))
 
 
