@@ -168,7 +168,8 @@ def redis_server():
 class GatewayProcess:
     """gunicorn serving gateway:app, as an operator would start it."""
 
-    def __init__(self, env):
+    def __init__(self, env, conf="gunicorn.conf.py"):
+        self.conf = conf  # the settings file gunicorn reads (tests/ may wrap the README's one)
         self.port = free_port()
         self.state_dir = tempfile.mkdtemp(prefix="edgegate-test-")
         self.env = dict(os.environ)
@@ -190,7 +191,7 @@ class GatewayProcess:
     def start(self):
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "gateway:app"],
+            [sys.executable, "-m", "gunicorn", "-c", self.conf, "gateway:app"],
             cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
         )
         if not wait_until(self._healthy, 15, 0.05):
@@ -270,9 +271,9 @@ def start_gateway(stub_server):
     """Start a gateway with extra environment; stopped at the end of the session."""
     started = []
 
-    def start(**env):
+    def start(conf="gunicorn.conf.py", **env):
         env.setdefault("UPSTREAM_BASE", stub_server.url)
-        gateway = GatewayProcess(env).start()
+        gateway = GatewayProcess(env, conf).start()
         started.append(gateway)
         return gateway
 

@@ -328,3 +328,21 @@ def test_an_answer_shorter_than_its_content_length_closes_the_clients_connection
     assert b"Content-Length: 200" in received and len(received.partition(b"\r\n\r\n")[2]) < 200
     document = gateway.wait_state("short-1", ["SUCCESS", "FAILED"])
     assert (document["state"], document["stage"]) == ("FAILED", "upstream_error")
+
+
+def test_every_status_the_gateway_sends_has_its_real_reason_phrase(gateway, stub):
+    """Reason phrases come from the standard library (``http.HTTPStatus``), for
+    the gateway's own answers (415, a CORS preflight's 204, 404, 409) and the
+    worker's (405)."""
+    import http
+
+    seen = [
+        gateway.post("/api/chat", data=b"x", headers={"Content-Encoding": "br"}),
+        requests.options(gateway.url + "/api/chat", headers={"Origin": "http://localhost:3000",
+                                                             "Access-Control-Request-Method": "POST"}, timeout=5),
+        gateway.get("/nowhere"),
+        requests.request("TRACE", gateway.url + "/api/tags", timeout=5),
+    ]
+    assert [answer.status_code for answer in seen] == [415, 204, 404, 405]
+    for answer in seen:
+        assert answer.reason == http.HTTPStatus(answer.status_code).phrase, (answer.status_code, answer.reason)

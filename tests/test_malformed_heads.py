@@ -7,6 +7,7 @@ connection closed; nothing reaches the upstream. Before, gunicorn answered
 them with its own HTML page and logged no access line."""
 
 import itertools
+import http
 import json
 import os
 import re
@@ -179,7 +180,7 @@ def test_an_over_long_request_line_is_answered_before_it_ends(gateway, stub):
     sock = connect(gateway)
     sock.sendall(b"GET /api/" + b"a" * 4200)  # and nothing more, the connection left open
     sock.settimeout(2)
-    assert sock.recv(65536).startswith(b"HTTP/1.1 414 URI Too Long\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 414 %s\r\n" % http.HTTPStatus(414).phrase.encode())
     sock.close()
 
 
@@ -265,4 +266,4 @@ def test_each_parse_error_keeps_the_status_gunicorn_gives_it(error):
     sizes = edgegate_worker.HeadSizes(4094, 100, 8190, 819204)
     refusal = edgegate_worker.malformed_head(error, sizes)
     assert refusal.status == gunicorn_status(error)
-    assert refusal.status in edgegate_worker.REASONS
+    assert http.HTTPStatus(refusal.status).phrase  # a status the standard library names
