@@ -125,3 +125,24 @@ def test_a_lock_directory_too_long_for_the_queue_sockets_stops_the_start(tmp_pat
     with pytest.raises(ConfigError, match=r"^GPU_LOCK_DIR='.*x': too long for the GPU queue's unix sockets "
                                           r"\(108 bytes with their names; at most 107\)"):
         Config.from_environ({"STATE_DIR": str(tmp_path), "GPU_LOCK_DIR": fits + "x"})
+
+
+def test_importing_the_gateway_reads_nothing_creates_nothing_and_never_exits(tmp_path):
+    """Configuration is read when gunicorn starts (gunicorn.conf.py) or by
+    ``python -m gateway check|hold``, never at import."""
+    import subprocess
+    import sys
+
+    state_dir = tmp_path / "not-made"
+    env = dict(os.environ, STATE_DIR=str(state_dir), UPSTREAM_BASE="ftp://nowhere/v1", WORKERS="many",
+               GATEWAY_API_KEYS="@/no/such/file")
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    code = ("import os, gateway, edgegate_worker, edgegate_hold, edgegate_cloud; "
+            "print(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "None\n", "")
+    assert not state_dir.exists()
+    checked = subprocess.run([sys.executable, "-m", "gateway", "check"], cwd=os.path.dirname(os.path.dirname(__file__)),
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 2 and checked.stderr.count("\n") == 1 and "configuration error" in checked.stderr
