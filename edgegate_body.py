@@ -40,6 +40,8 @@ MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys")
 # (internal/modelref, parseSourceSuffix: the text after the last ":",
 # trimmed, is "cloud" or ends in "-cloud"); a name ending "-cloud" is refused too.
 OLLAMA_CLOUD_MODEL_RE = re.compile(r"(?:[-:]\s*cloud|:[^:/]*-cloud)\s*$", re.IGNORECASE)
+
+
 @dataclasses.dataclass
 class ProxiedRequest:
     """What the client asked for, checked: the body to send upstream (the
@@ -97,6 +99,8 @@ def read_request(config, environ, path, method, key):
     stream = document.get("stream", path.startswith("/api/") and path not in EMBEDDING_PATHS)
     return ProxiedRequest(path, method, json.dumps(document).encode() if changed else raw, document, decoded,
                           model=document.get("model"), stream=bool(stream))
+
+
 # The cloud route (README, "Cloud route"): a model named openai/<name> goes
 # to OPENAI_BASE_URL (edgegate_cloud.py), never to this box's GPU.
 CLOUD_PREFIX = "openai/"
@@ -260,5 +264,3 @@ def adjust_body(path, document, config):
         document["keep_alive"] = config.keep_alive_default
         changed = True
     return changed
-
-

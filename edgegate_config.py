@@ -15,6 +15,7 @@ import re
 import sys
 import urllib.parse
 
+
 class ConfigError(Exception):
     """A bad environment variable; the message is the one line printed at start."""
 
@@ -296,9 +297,7 @@ def load_config():
         raise SystemExit(2)
 
 
-
 # ---------------------------------------------------------------- Ollama durations
-
 DURATION_PART_RE = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -330,4 +329,3 @@ def _duration_text_seconds(value):
         if not parts or "".join(n + u for n, u in parts) != text:
             return None
         return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
-

@@ -13,6 +13,7 @@ import http
 import os
 import time
 
+
 class GatewayError(Exception):
     """Something the gateway refuses or fails at. Raised by any step, it ends
     the exchange (``Exchange.fail``) as one error answer in the shape the
@@ -118,4 +119,3 @@ def printable(text):
 
 
 _CONTROL_ESCAPES = {c: "\\x%02x" % c for c in list(range(32)) + [127]}
-

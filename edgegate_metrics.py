@@ -4,6 +4,8 @@ One named method per event the gateway counts; without the optional
 ``prometheus_client`` each does nothing and /metrics answers 404.
 """
 
+import os
+
 from edgegate_body import INFERENCE_ROUTES
 
 
@@ -27,11 +29,16 @@ class Metrics:
         self.slots = slots
         self.directory = directory
         self.enabled = False
+        self.missing = "metrics need prometheus_client: pip install 'edgegate[metrics]'"
         try:
             import prometheus_client as prom
-            from prometheus_client import multiprocess
+            from prometheus_client import multiprocess, values
             from prometheus_client.core import GaugeMetricFamily
         except ImportError:
+            return
+        if values.ValueClass is values.MutexValue or not os.path.isdir(directory):
+            # Not in multiprocess mode: each worker would count alone and /metrics read nothing.
+            self.missing = "metrics are summed over the workers only when started with gunicorn -c gunicorn.conf.py"
             return
         self.prom, self.multiprocess, self.GaugeMetricFamily = prom, multiprocess, GaugeMetricFamily
         seconds = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)

@@ -114,7 +114,9 @@ class Relay:
         yield b""
         try:
             for chunk in chunks:
-                if chunk is not SSE_KEEPALIVE:
+                if chunk is not SSE_KEEPALIVE and chunk:
+                    if not sent:
+                        exchange.first_byte_arrived()
                     sent += len(chunk)
                     self._passing(chunk, sent)
                     if self.length is not None and sent >= self.length:
@@ -139,8 +141,6 @@ class Relay:
                 exchange.cut_client()
 
     def _passing(self, chunk, sent):
-        if sent == len(chunk):
-            self.exchange.first_byte_arrived()
         self.exchange.relayed(sent)
         self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
 

@@ -302,9 +302,9 @@ class SlotLine:
     def turn(self, ticket, holder, slots, owner):
         """(slot, 0) when it is ``ticket``'s turn and a slot is free (handed
         to ``owner``; the ticket leaves the line); else (None, its position,
-        1 = next). Once the slot is taken nothing here can lose it: the
-        fairness record, the ticket's files and the wake of the others are
-        bookkeeping, and a failure of theirs is logged, never raised."""
+        1 = next). Once the slot is taken nothing here can lose it: it is
+        its owner's; the fairness record, the ticket's files and the wake of
+        the others are bookkeeping, and an OSError of theirs is logged."""
         with self._locked():
             order = [name for name, _ in line_order(self._live(), self.served.read())]
             position = order.index(ticket.name) + 1 if ticket.name in order else 1

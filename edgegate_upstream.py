@@ -118,7 +118,8 @@ def give_model_its_lifetime(upstream, path, document, headers, keep_alive_defaul
     load_path = "/api/embed" if path in EMBEDDING_PATHS else "/api/generate"
     headers = dict(headers, **{"Content-Type": "application/json"})
     try:
-        answer = upstream.send("POST", load_path, headers, json.dumps({"model": model, "keep_alive": keep_alive}).encode())
+        load = json.dumps({"model": model, "keep_alive": keep_alive}).encode()
+        answer = upstream.send("POST", load_path, headers, load)
         _ = answer.content  # read it all, so that the connection goes back to the pool
     except requests.RequestException:
         return True  # the request itself will meet the same problem and report it

@@ -254,15 +254,17 @@ def take_slot(gateway, exchange):
         wait_in_line(gateway, exchange, holder)
     else:
         slots.try_take(holder, {"model": exchange.model}, exchange.own_slot)
+    if exchange.slot is not None and gateway.upstreams.several:  # one upstream: the documents keep their shape
+        exchange.task.set(slot=exchange.slot.index, upstream=gateway.upstreams.of_slot(exchange.slot.index).base)
     if exchange.call.reason:  # cancelled while waiting, maybe just as the slot came: the ending frees it
         raise abort_error(exchange)
     if exchange.slot is None:
         gateway.metrics.gpu_refused("busy")
         raise GatewayError(503, "gpu_busy", busy_message(slots, config), headers=gateway.retry_after,
                            stage="gpu_busy")
-    gateway.metrics.slot_waited(exchange.slot.taken_at - exchange.started)
-    if gateway.upstreams.several:  # one upstream: the documents keep the shape they always had
-        exchange.task.set(slot=exchange.slot.index, upstream=gateway.upstreams.of_slot(exchange.slot.index).base)
+    waited = exchange.slot.taken_at - exchange.started
+    gateway.metrics.slot_waited(waited)
+    exchange.slot_wait_ms = "%.1f" % (waited * 1000)
 
 
 def wait_in_line(gateway, exchange, holder):
@@ -556,7 +558,7 @@ class Exchange:
         self.writing_since = None  # set while gunicorn writes a piece of the answer to the client
         self.status_code = None
         self.bytes_out = 0
-        self.ended = {}  # slot index and wait, kept for the access line once the slot is freed
+        self.slot_wait_ms, self.slot_index = None, None  # for the access line, once the slot is freed
         self.answer_started, self._write = False, None  # a queued SSE stream's 200 went out (QueuedStream)
         self.closed, self._close_lock = False, threading.Lock()
 
@@ -668,7 +670,7 @@ class Exchange:
     def _free_slot(self):
         slot, self.slot = self.slot, None
         if slot is not None:
-            self.ended.update(slot_index=slot.index, slot_wait_ms="%.1f" % ((slot.taken_at - self.started) * 1000))
+            self.slot_index = slot.index
             slot.release()
             self.gateway.metrics.slot_held(time.monotonic() - slot.taken_at, slot.index)
 
@@ -718,13 +720,13 @@ def cut_client(exchange):
 
 def exchange_access_line(exchange):
     started, upstreams = exchange.started, exchange.gateway.upstreams
-    slot_index = exchange.ended.get("slot_index")
+    slot_index = exchange.slot_index
     where = ""
     if upstreams.several and slot_index is not None:
         where = " slot=%d upstream=%s" % (slot_index, upstreams.of_slot(slot_index).base)
     return access_line(
         exchange.environ.get("REMOTE_ADDR"), exchange.method, exchange.path, exchange.status_code, started,
-        exchange.task_id, exchange.model, exchange.ended.get("slot_wait_ms"),
+        exchange.task_id, exchange.model, exchange.slot_wait_ms,
         "%.1f" % ((exchange.first_byte_at - started) * 1000) if exchange.first_byte_at else None,
         exchange.bytes_out, exchange.key.name if exchange.key else None, where)
 
@@ -871,7 +873,7 @@ def own_route(gateway, exchange):
         return cancel_task(gateway, exchange, path[len("/tasks/"):])
     if path == "/metrics" and method == "GET":
         if not gateway.metrics.enabled:
-            raise GatewayError(404, "not_found", "metrics need prometheus_client: pip install 'edgegate[metrics]'")
+            raise GatewayError(404, "not_found", gateway.metrics.missing)
         return exchange.answer(200, gateway.metrics.exposition(),
                                content_type="text/plain; version=0.0.4; charset=utf-8")
     raise GatewayError(404, "not_found", "no route for %s %s" % (method, printable(path)))
@@ -997,7 +999,6 @@ def cancel_task(gateway, exchange, task_id):
 
 
 # ================================================================ 6. entry points
-
 
 
 class Application:

@@ -62,17 +62,18 @@ control_socket_disable = True
 accesslog = None
 
 METRICS_DIR = os.path.join(edgegate.state_dir, "metrics")
-# prometheus_client's multiprocess mode reads its directory from the
-# environment; set here for every worker (an inherited value would send
-# the workers' values where /metrics does not read them).
-raw_env = ["PROMETHEUS_MULTIPROC_DIR=" + METRICS_DIR]
 
 
 def on_starting(server):
     """Start /metrics from zero: prometheus_client's multiprocess files of an
-    earlier run would otherwise be summed in."""
+    earlier run would otherwise be summed in. prometheus_client's
+    multiprocess mode reads its directory from the environment when a worker
+    first imports it: set here, before any worker is forked, so that every
+    worker writes where /metrics reads (an inherited value, or gunicorn's
+    ``-e``, which replaces ``raw_env``, must not send them elsewhere)."""
     shutil.rmtree(METRICS_DIR, ignore_errors=True)
     os.makedirs(METRICS_DIR, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
 
 
 def post_fork(server, worker):

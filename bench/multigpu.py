@@ -26,7 +26,7 @@ import requests
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
 STATE_DIR = tempfile.mkdtemp(prefix="edgegate-bench-multigpu-")
-os.environ["STATE_DIR"] = STATE_DIR  # before gateway is imported: its module builds a Config
+os.environ["STATE_DIR"] = STATE_DIR  # for the gateways this script starts
 
 import edgegate_config  # noqa: E402
 import edgegate_slots  # noqa: E402

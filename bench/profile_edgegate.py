@@ -193,7 +193,7 @@ def python_report(stacks, seconds_per_sample, cpu, top):
 
 
 APP_FILES = ("gateway.py", "status.py", "empty_app.py", "edgegate_body.py", "edgegate_cloud.py",
-             "edgegate_config.py", "edgegate_errors.py", "edgegate_metrics.py", "edgegate_relay.py",
+             "edgegate_config.py", "edgegate_errors.py", "edgegate_hold.py", "edgegate_metrics.py", "edgegate_relay.py",
              "edgegate_slots.py", "edgegate_upstream.py", "edgegate_worker.py")
 APP_DEPTH = 4
 

@@ -71,17 +71,17 @@ def test_two_long_requests_run_at_once_on_the_two_gpus(two_gpus):
 
 def test_a_model_goes_back_to_the_gpu_that_has_it_loaded_and_a_new_one_to_the_idle_gpu(two_gpus):
     gateway, gpus = two_gpus()
-    gpus[1].load("llama3.2")  # GPU 1 has it, though GPU 0 is the one idle longest
+    gpus[1].load("llama3.2")  # GPU 1 has it, though GPU 0 is the one taken longest ago
     for n in range(3):
         assert gateway.post("/api/chat", json=chat(), headers={"X-Task-Id": "back-%d" % n}).status_code == 200
         assert served_by(gpus, "back-%d" % n) == 1
-    # A model loaded nowhere goes to the GPU idle longest: GPU 0, never used.
+    # A model loaded nowhere goes to the GPU taken longest ago: GPU 0, never used.
     assert gateway.post("/api/chat", json=chat("qwen3"), headers={"X-Task-Id": "new-1"}).status_code == 200
     assert served_by(gpus, "new-1") == 0
     # What the gateway sent counts at once: qwen3 now goes back to GPU 0, llama3.2 to GPU 1.
     assert gateway.post("/api/chat", json=chat("qwen3"), headers={"X-Task-Id": "new-2"}).status_code == 200
     assert served_by(gpus, "new-2") == 0
-    # keep_alive 0 unloads it there: a third model now goes to the GPU idle longest (GPU 1).
+    # keep_alive 0 unloads it there: a third model now goes to the GPU taken longest ago (GPU 1).
     unload = {"model": "qwen3", "prompt": "x", "keep_alive": 0, "stream": False}
     assert gateway.post("/api/generate", json=unload, headers={"X-Task-Id": "unload-1"}).status_code == 200
     assert served_by(gpus, "unload-1", "/api/generate") == 0

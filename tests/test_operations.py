@@ -67,6 +67,18 @@ def test_metrics_start_from_zero_whatever_prometheus_multiproc_dir_the_environme
     assert not inherited.exists() or os.listdir(inherited) == []
 
 
+def test_metrics_still_add_up_when_gunicorn_is_given_its_own_environment_variables(start_gateway, stub):
+    """``-e NAME=VALUE`` (here through GUNICORN_CMD_ARGS) replaces gunicorn's
+    raw_env: the workers must still write their values where /metrics reads."""
+    gateway = start_gateway(GUNICORN_CMD_ARGS="-e EDGEGATE_NOTE=1")
+    for _ in range(2):
+        assert gateway.post("/api/chat", json=dict(CHAT, stream=False)).status_code == 200
+    counted = {s.labels["status"]: s.value for s in metric_samples(gateway.get("/metrics").text,
+                                                                      "edgegate_requests_total")
+               if s.labels["route"] == "inference"}
+    assert counted == {"200": 2}
+
+
 def test_metrics_count_upstream_errors(start_gateway):
     gateway = start_gateway(UPSTREAM_BASE="http://127.0.0.1:%d" % free_port(), WORKERS="1")
     gateway.post("/api/chat", json=CHAT)
