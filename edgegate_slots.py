@@ -233,7 +233,7 @@ def _flock_holders():
 
 
 class QueueFull(Exception):
-    """QUEUE_MAX waiters are in line already."""
+    """QUEUE_MAX waiters are in line already, one of them of the same key."""
 
     def __init__(self, waiting):
         super().__init__("%d waiting" % waiting)
@@ -262,7 +262,11 @@ class SlotLine:
       a waiter killed in line cannot either. So each waiter also looks every
       FALLBACK_S on its own; such a hand-over takes up to that long.
     - Fair between keys (``line_order``): ``served.json`` keeps when each
-      key last got its turn.
+      key last got its turn, from the line or straight at the door (``join``).
+    - Fair at the door too: QUEUE_MAX bounds the line for a key that has a
+      request waiting already; a key with nothing waiting always gets a
+      place, so one key's backlog never locks another key out. The line is
+      thus at most QUEUE_MAX plus one per other key.
 
     Every waiter wakes on every change, so positions stay current at once;
     the cost grows with the square of the line, which QUEUE_MAX keeps short.
@@ -287,15 +291,19 @@ class SlotLine:
 
     def join(self, place, holder, slots, owner, bound=None):
         """(slot, None) when nobody waits and a slot is free (handed to
-        ``owner``, see ``GpuSlots.try_take``), else (None, a new Ticket) at
-        the end of the line. QueueFull with ``bound`` waiting."""
+        ``owner``, see ``GpuSlots.try_take``; the key's turn recorded as a
+        turn from the line is), else (None, a new Ticket) at the end of the
+        line. QueueFull when ``bound`` wait already and one of them is of
+        ``place``'s key: a key with nothing waiting is always let in."""
         with self._locked():
             waiting = self._live()
             if not waiting:
                 slot = slots.try_take(holder, place, owner)
                 if slot is not None:
+                    self._quietly("record a key's turn in " + self.served.path, self.served.mark, place.get("key"))
                     return slot, None
-            if bound is not None and len(waiting) >= bound:
+            if bound is not None and len(waiting) >= bound and \
+                    any(other.get("key") == place.get("key") for _, other in waiting):
                 raise QueueFull(len(waiting))
             return None, Ticket.issue(self.dir, place)
 
@@ -418,20 +426,39 @@ class ServedRecord:
     """``served.json``: when each key last had its turn, for ``line_order``
     (keys not served for an hour are as good as never)."""
 
+    FRESH_S = 60.0  # a key served last keeps its time at most this long without a write
+
     def __init__(self, path):
         self.path = path
+        self._seen = (None, {})  # (the file's inode, mtime and size; what it said): a stat, not a parse
 
     def read(self):
         try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # a write is a new file (os.replace)
+            if self._seen[0] == stamp:
+                return dict(self._seen[1])
             with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
+                served = json.load(f)
         except (OSError, ValueError):
             return {}
+        served = {k: t for k, t in served.items() if isinstance(t, (int, float))} if isinstance(served, dict) else {}
+        self._seen = (stamp, served)
+        return dict(served)
 
     def mark(self, key):
+        """``key``'s turn, now. Every request that takes a slot comes here,
+        so the common case costs a read only: a key that is already the
+        one served last (one client, or keys off) moves in no order by a
+        newer time, and is written again only every FRESH_S."""
         now = time.time()
-        served = {k: t for k, t in self.read().items() if now - t < 3600}
-        served[key or ""] = now
+        key = key or ""
+        served = self.read()
+        last = served.get(key)
+        if last is not None and now - last < self.FRESH_S and last >= max(served.values()):
+            return
+        served = {k: t for k, t in served.items() if now - t < 3600}
+        served[key] = now
         temporary = self.path + ".new"
         with open(temporary, "w", encoding="utf-8") as f:
             json.dump(served, f)
