@@ -14,6 +14,7 @@ import sys
 import edgegate_config
 import edgegate_errors
 import gateway
+import status
 
 edgegate = edgegate_config.load_config()  # not "config": that name is a gunicorn setting
 gateway.app.configure(edgegate)  # built here, in the arbiter; each worker starts its services after the fork
@@ -70,9 +71,12 @@ raw_env = ["PROMETHEUS_MULTIPROC_DIR=" + METRICS_DIR]
 
 def on_starting(server):
     """Start /metrics from zero: prometheus_client's multiprocess files of an
-    earlier run would otherwise be summed in."""
+    earlier run would otherwise be summed in. And make the SQLite task store
+    ready here, once, before any worker is forked: workers that set up a new
+    file all at once, on their first requests, lock each other out of it."""
     shutil.rmtree(METRICS_DIR, ignore_errors=True)
     os.makedirs(METRICS_DIR, exist_ok=True)
+    status.prepare_store(edgegate)
 
 
 def post_fork(server, worker):
