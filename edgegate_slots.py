@@ -262,11 +262,8 @@ class SlotLine:
       a waiter killed in line cannot either. So each waiter also looks every
       FALLBACK_S on its own; such a hand-over takes up to that long.
     - Fair between keys (``line_order``): ``served.json`` keeps when each
-      key last got its turn, from the line or straight at the door (``join``).
-    - Fair at the door too: QUEUE_MAX bounds the line for a key that has a
-      request waiting already; a key with nothing waiting always gets a
-      place, so one key's backlog never locks another key out. The line is
-      thus at most QUEUE_MAX plus one per other key.
+      key last got its turn, in line or at the door. At the door too: a key
+      with nothing waiting always gets a place (QUEUE_MAX plus one per key).
 
     Every waiter wakes on every change, so positions stay current at once;
     the cost grows with the square of the line, which QUEUE_MAX keeps short.
@@ -291,10 +288,9 @@ class SlotLine:
 
     def join(self, place, holder, slots, owner, bound=None):
         """(slot, None) when nobody waits and a slot is free (handed to
-        ``owner``, see ``GpuSlots.try_take``; the key's turn recorded as a
-        turn from the line is), else (None, a new Ticket) at the end of the
-        line. QueueFull when ``bound`` wait already and one of them is of
-        ``place``'s key: a key with nothing waiting is always let in."""
+        ``owner``, see ``GpuSlots.try_take``; a turn, recorded as one from the
+        line is), else (None, a new Ticket) at the end of the line. QueueFull
+        when ``bound`` wait, one of them of ``place``'s key."""
         with self._locked():
             waiting = self._live()
             if not waiting:
@@ -302,8 +298,7 @@ class SlotLine:
                 if slot is not None:
                     self._quietly("record a key's turn in " + self.served.path, self.served.mark, place.get("key"))
                     return slot, None
-            if bound is not None and len(waiting) >= bound and \
-                    any(other.get("key") == place.get("key") for _, other in waiting):
+            if bound is not None and len(waiting) >= bound and key_waits(waiting, place.get("key")):
                 raise QueueFull(len(waiting))
             return None, Ticket.issue(self.dir, place)
 
@@ -402,6 +397,11 @@ class SlotLine:
             if reap:
                 _unlink(os.path.join(self.dir, name + ".ticket"), os.path.join(self.dir, name + ".sock"))
         return live
+
+
+def key_waits(waiting, key):
+    """Whether ``key`` (a name, or None) has a request among ``waiting``."""
+    return any(place.get("key") == key for _, place in waiting)
 
 
 def wait_turn(slots, ticket, holder, owner, deadline, moved, stopped):

@@ -272,8 +272,8 @@ def take_slot(gateway, exchange):
 def wait_in_line(gateway, exchange, holder):
     """The slot at once when nobody waits and one is free; else a place at
     the end of the line until this request's turn comes, SLOT_WAIT_S runs
-    out, or the client leaves or a DELETE comes. QUEUE_MAX waiters already:
-    503 ``gpu_busy`` at once, saying so."""
+    out, or the client leaves or a DELETE comes. QUEUE_MAX waiters already,
+    one of them of this request's key: 503 ``gpu_busy`` at once, saying so."""
     config, slots = gateway.config, gateway.slots
     key = exchange.key.name if exchange.key else None  # its name (README, "Keys and their tasks"), never the key
     place = dict(holder, model=exchange.model, key=key)

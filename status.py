@@ -336,7 +336,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         if self._db is None or self._pid != os.getpid():
             db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             try:
-                self._use_wal(db)
+                _use_wal(db)
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(self.SCHEMA)
             except BaseException:
@@ -344,24 +344,6 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
                 raise
             self._db, self._pid = db, os.getpid()
         return self._db
-
-    @staticmethod
-    def _use_wal(db):
-        """WAL mode, which the file keeps once set. Setting it needs the
-        file to itself, and fails with "database is locked" when another
-        process opens the file meanwhile (two workers' first requests on a
-        new file did): so the mode is looked at first, and set again for up
-        to a second while the file is busy."""
-        deadline = time.monotonic() + 1.0
-        while True:
-            try:
-                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    db.execute("PRAGMA journal_mode=WAL")  # a file system without WAL keeps its mode
-                return
-            except sqlite3.OperationalError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.01)
 
     def _expires(self, document, now):
         return now + (self.ttl_running if document["state"] in LIVE_STATES else self.ttl_done)
@@ -446,6 +428,24 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
     @_one_at_a_time
     def ping(self):
         self._connection().execute("SELECT 1").fetchone()
+
+
+def _use_wal(db):
+    """WAL mode, which the file keeps once set. Setting it needs the
+    file to itself, and fails with "database is locked" when another
+    process opens the file meanwhile (two workers' first requests on a
+    new file did): so the mode is looked at first, and set again for up
+    to a second while the file is busy."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")  # a file system without WAL keeps its mode
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- opening the store
