@@ -430,27 +430,24 @@ class ServedRecord:
 
     def __init__(self, path):
         self.path = path
-        self._seen = (None, {})  # (the file's inode, mtime and size; what it said): a stat, not a parse
 
     def read(self):
         try:
-            st = os.stat(self.path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # a write is a new file (os.replace)
-            if self._seen[0] == stamp:
-                return dict(self._seen[1])
-            with open(self.path, encoding="utf-8") as f:
-                served = json.load(f)
+            with open(self.path, "rb") as f:
+                served = json.loads(f.read())
         except (OSError, ValueError):
             return {}
-        served = {k: t for k, t in served.items() if isinstance(t, (int, float))} if isinstance(served, dict) else {}
-        self._seen = (stamp, served)
-        return dict(served)
+        if not isinstance(served, dict):
+            return {}
+        return {k: t for k, t in served.items() if isinstance(t, (int, float))}
 
     def mark(self, key):
-        """``key``'s turn, now. Every request that takes a slot comes here,
-        so the common case costs a read only: a key that is already the
-        one served last (one client, or keys off) moves in no order by a
-        newer time, and is written again only every FRESH_S."""
+        """``key``'s turn, now. Every request that takes a slot comes here
+        (under the line's lock), so the common case costs a read only: a
+        key that is already the one served last (one client, or keys off)
+        moves in no order by a newer time, and is written again only every
+        FRESH_S. A write is a new file renamed over the old: a reader sees
+        one record or the other, never half of one."""
         now = time.time()
         key = key or ""
         served = self.read()
@@ -460,8 +457,11 @@ class ServedRecord:
         served = {k: t for k, t in served.items() if now - t < 3600}
         served[key] = now
         temporary = self.path + ".new"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(served, f)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, json.dumps(served).encode())
+        finally:
+            os.close(fd)
         os.replace(temporary, self.path)
 
 
