@@ -214,8 +214,12 @@ class Config:
     state_dir: str
     gpu_slots: int
     gpu_lock_dir: str
-    slot_wait_s: float
-    queue_max: int
+    # Ollama queues what its GPU cannot run yet (OLLAMA_MAX_QUEUE 512, server/sched.go), so by default a
+    # request waits its turn as long as a silent upstream may take (README, "Sharing the GPU slot"); 0
+    # answers 503 gpu_busy at once. Each waiter holds a thread: by default half of them at most may wait,
+    # the rest serve status polls, /api/tags and the answer being streamed.
+    slot_wait_s: float  # default: read_timeout_s
+    queue_max: int  # default: workers * threads // 2
     retry_after_s: int
     keep_alive_default: str
     default_model: str
@@ -243,13 +247,14 @@ class Config:
             raise ConfigError("REDIS_URL=%r: expected a redis://, rediss:// or unix:// URL" % redis_url)
         state_dir = _directory(env, "STATE_DIR", "~/.local/state/edgegate")
         upstream_bases = _upstream_bases(env)
+        read_timeout_s = _number(env, "UPSTREAM_READ_TIMEOUT_S", 300.0, float, 0.01, alias="PROVIDER_TIMEOUT_SECONDS")
+        workers, threads = _number(env, "WORKERS", 2, int, 1, 64), _number(env, "THREADS", 32, int, 1, 1024)
         return cls(
             upstream_bases=upstream_bases,
             upstream_down_s=_number(env, "UPSTREAM_DOWN_S", 10.0, float, 0),  # a refusing upstream is skipped
             prefer_loaded_wait_s=_number(env, "PREFER_LOADED_WAIT_S", 0.0, float, 0),  # the head waits for its model
             connect_timeout_s=_number(env, "UPSTREAM_CONNECT_TIMEOUT_S", 2.0, float, 0.01),
-            read_timeout_s=_number(env, "UPSTREAM_READ_TIMEOUT_S", 300.0, float, 0.01,
-                                   alias="PROVIDER_TIMEOUT_SECONDS"),
+            read_timeout_s=read_timeout_s,
             upstream_retries=_number(env, "UPSTREAM_RETRIES", 2, int, 0, 10),
             redis_url=redis_url,
             redis_host=_text(env, "REDIS_HOST"),
@@ -265,8 +270,8 @@ class Config:
             state_dir=state_dir,
             gpu_slots=_gpu_slots(env, upstream_bases),
             gpu_lock_dir=_lock_directory(env, state_dir),
-            slot_wait_s=_number(env, "SLOT_WAIT_S", 0.0, float, 0),
-            queue_max=_number(env, "QUEUE_MAX", 16, int, 0),  # waiters in the GPU line (with SLOT_WAIT_S)
+            slot_wait_s=_number(env, "SLOT_WAIT_S", read_timeout_s, float, 0),
+            queue_max=_number(env, "QUEUE_MAX", max(1, workers * threads // 2), int, 0),
             retry_after_s=_number(env, "RETRY_AFTER_S", 2, int, 0),
             keep_alive_default=_keep_alive_default(env),
             default_model=_text(env, "DEFAULT_MODEL"),
@@ -283,8 +288,8 @@ class Config:
             client_body_timeout_s=_number(env, "CLIENT_BODY_TIMEOUT_S", 30.0, float, 0.1),
             max_connections_per_client=_number(env, "MAX_CONNECTIONS_PER_CLIENT", 256, int, 0),  # 0: no cap
             bind=_text(env, "GATEWAY_BIND", "0.0.0.0:11535"),
-            workers=_number(env, "WORKERS", 2, int, 1, 64),
-            threads=_number(env, "THREADS", 32, int, 1, 1024),
+            workers=workers,
+            threads=threads,
         )
 
 

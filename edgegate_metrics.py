@@ -25,11 +25,13 @@ class Metrics:
     ROUTE_CLASSES = (("/v1/", "proxy"), ("/api/", "proxy"), ("/tasks/", "tasks"), ("/slots", "slots"),
                      ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"))
 
-    def __init__(self, directory, slots):
+    def __init__(self, directory, slots, enabled=True):
         self.slots = slots
         self.directory = directory
         self.enabled = False
         self.missing = "metrics need prometheus_client: pip install 'edgegate[metrics]'"
+        if not enabled:  # counts nothing: a process that has not started its own yet
+            return
         try:
             import prometheus_client as prom
             from prometheus_client import multiprocess, values

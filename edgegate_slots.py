@@ -233,7 +233,7 @@ def _flock_holders():
 
 
 class QueueFull(Exception):
-    """QUEUE_MAX waiters are in line already."""
+    """QUEUE_MAX waiters are in line already, one of them of the same key."""
 
     def __init__(self, waiting):
         super().__init__("%d waiting" % waiting)
@@ -262,7 +262,8 @@ class SlotLine:
       a waiter killed in line cannot either. So each waiter also looks every
       FALLBACK_S on its own; such a hand-over takes up to that long.
     - Fair between keys (``line_order``): ``served.json`` keeps when each
-      key last got its turn.
+      key last got its turn, in line or at the door. At the door too: a key
+      with nothing waiting always gets a place (QUEUE_MAX plus one per key).
 
     Every waiter wakes on every change, so positions stay current at once;
     the cost grows with the square of the line, which QUEUE_MAX keeps short.
@@ -287,15 +288,17 @@ class SlotLine:
 
     def join(self, place, holder, slots, owner, bound=None):
         """(slot, None) when nobody waits and a slot is free (handed to
-        ``owner``, see ``GpuSlots.try_take``), else (None, a new Ticket) at
-        the end of the line. QueueFull with ``bound`` waiting."""
+        ``owner``, see ``GpuSlots.try_take``; a turn, recorded as one from the
+        line is), else (None, a new Ticket) at the end of the line. QueueFull
+        when ``bound`` wait, one of them of ``place``'s key."""
         with self._locked():
             waiting = self._live()
             if not waiting:
                 slot = slots.try_take(holder, place, owner)
                 if slot is not None:
+                    self._quietly("record a key's turn in " + self.served.path, self.served.mark, place.get("key"))
                     return slot, None
-            if bound is not None and len(waiting) >= bound:
+            if bound is not None and len(waiting) >= bound and key_waits(waiting, place.get("key")):
                 raise QueueFull(len(waiting))
             return None, Ticket.issue(self.dir, place)
 
@@ -396,6 +399,11 @@ class SlotLine:
         return live
 
 
+def key_waits(waiting, key):
+    """Whether ``key`` (a name, or None) has a request among ``waiting``."""
+    return any(place.get("key") == key for _, place in waiting)
+
+
 def wait_turn(slots, ticket, holder, owner, deadline, moved, stopped):
     """Wait in line with ``ticket`` until its turn gives it a slot (handed to
     ``owner`` and returned), ``deadline`` (time.monotonic(); None: no limit)
@@ -418,23 +426,42 @@ class ServedRecord:
     """``served.json``: when each key last had its turn, for ``line_order``
     (keys not served for an hour are as good as never)."""
 
+    FRESH_S = 60.0  # a key served last keeps its time at most this long without a write
+
     def __init__(self, path):
         self.path = path
 
     def read(self):
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.load(f)
+            with open(self.path, "rb") as f:
+                served = json.loads(f.read())
         except (OSError, ValueError):
             return {}
+        if not isinstance(served, dict):
+            return {}
+        return {k: t for k, t in served.items() if isinstance(t, (int, float))}
 
     def mark(self, key):
+        """``key``'s turn, now. Every request that takes a slot comes here
+        (under the line's lock), so the common case costs a read only: a
+        key that is already the one served last (one client, or keys off)
+        moves in no order by a newer time, and is written again only every
+        FRESH_S. A write is a new file renamed over the old: a reader sees
+        one record or the other, never half of one."""
         now = time.time()
-        served = {k: t for k, t in self.read().items() if now - t < 3600}
-        served[key or ""] = now
+        key = key or ""
+        served = self.read()
+        last = served.get(key)
+        if last is not None and now - last < self.FRESH_S and last >= max(served.values()):
+            return
+        served = {k: t for k, t in served.items() if now - t < 3600}
+        served[key] = now
         temporary = self.path + ".new"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(served, f)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, json.dumps(served).encode())
+        finally:
+            os.close(fd)
         os.replace(temporary, self.path)
 
 

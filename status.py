@@ -313,23 +313,36 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         self._db = None
         self._pid = None
         self._next_purge = 0.0
-        with self._lock:
-            self._connection().executescript(self.SCHEMA)
 
     @classmethod
     def from_config(cls, config, stale_after):
         return cls(os.path.join(config.state_dir, "tasks.sqlite3"), config.ttl_running, config.ttl_done, stale_after)
 
+    def prepare(self):
+        """Make the file ready (WAL mode, the table), from gunicorn's arbiter
+        before the workers are forked (gunicorn.conf.py, ``on_starting``):
+        the workers then find it ready, rather than all set it up at once."""
+        with self._lock:
+            self._connection()
+            self._db.close()
+            self._db = None
+
     def _connection(self):
         """This process's one connection (opened anew after a fork), used
         under ``self._lock``: SQLite runs one writer at a time anyway, and
-        one connection keeps the descriptors from growing with the threads."""
+        one connection keeps the descriptors from growing with the threads.
+        Opened on first use: a store that fails then is the board's to
+        handle (``TaskBoard``), never a failed start of the worker."""
         if self._db is None or self._pid != os.getpid():
-            self._db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._pid = os.getpid()
+            db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            try:
+                _use_wal(db)
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(self.SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._db, self._pid = db, os.getpid()
         return self._db
 
     def _expires(self, document, now):
@@ -415,6 +428,40 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
     @_one_at_a_time
     def ping(self):
         self._connection().execute("SELECT 1").fetchone()
+
+
+def _use_wal(db):
+    """WAL mode, which the file keeps once set. Setting it needs the
+    file to itself, and fails with "database is locked" when another
+    process opens the file meanwhile (two workers' first requests on a
+    new file did): so the mode is looked at first, and set again for up
+    to a second while the file is busy."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")  # a file system without WAL keeps its mode
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- opening the store
+
+
+def prepare_store(config):
+    """Before the workers start: the SQLite file made ready (WAL mode, its
+    table); a Redis store needs nothing. A failure is logged, never fatal:
+    the gateway serves without a store, and each worker tries again."""
+    try:
+        store = open_store(config)
+        if isinstance(store, SqliteStore):
+            store.prepare()
+    except Exception as error:
+        log.warning("task store (%s) could not be prepared: %s", "redis" if config.redis_url or config.redis_host
+                    else "sqlite", error)
 
 
 def open_store(config):

@@ -283,14 +283,26 @@ def start_gateway(stub_server):
         shutil.rmtree(gateway.state_dir, ignore_errors=True)
 
 
+# The shared gateways answer 503 gpu_busy at once (SLOT_WAIT_S=0) rather than
+# let a request wait its turn, as the defaults do: many stories hold the GPU
+# and look at that refusal. ``defaults_gateway`` is the gateway as installed.
+
+
 @pytest.fixture(scope="session")
 def sqlite_gateway(start_gateway):
-    return start_gateway()
+    return start_gateway(SLOT_WAIT_S="0")
 
 
 @pytest.fixture(scope="session")
 def redis_gateway(start_gateway, redis_server):
-    return start_gateway(REDIS_URL=redis_server.url)
+    return start_gateway(REDIS_URL=redis_server.url, SLOT_WAIT_S="0")
+
+
+@pytest.fixture(scope="session")
+def defaults_gateway(start_gateway):
+    """The gateway with every default, as ``gunicorn -c gunicorn.conf.py gateway:app`` runs it
+    (2 workers, SQLite): requests that find the GPU busy wait their turn."""
+    return start_gateway()
 
 
 @pytest.fixture

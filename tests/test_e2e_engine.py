@@ -79,7 +79,7 @@ def engine():
 
 @pytest.fixture(scope="session")
 def engine_gateway(start_gateway, engine):
-    return start_gateway(UPSTREAM_BASE=engine.url, WORKERS="1", UPSTREAM_READ_TIMEOUT_S="120")
+    return start_gateway(UPSTREAM_BASE=engine.url, WORKERS="1", UPSTREAM_READ_TIMEOUT_S="120", SLOT_WAIT_S="0")
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from test_slot_and_cancel import CHAT, hold_slot, raw_request
 @pytest.fixture(scope="module")
 def one_worker(start_gateway):
     """One worker, so that /metrics and the log are that worker's alone."""
-    return start_gateway(WORKERS="1", CLIENT_SEND_TIMEOUT_S="1", UPSTREAM_READ_TIMEOUT_S="5")
+    return start_gateway(WORKERS="1", CLIENT_SEND_TIMEOUT_S="1", UPSTREAM_READ_TIMEOUT_S="5", SLOT_WAIT_S="0")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ def metric_samples(text, name):
 
 
 def test_metrics_add_up_over_both_workers(start_gateway, stub):
-    gateway = start_gateway()
+    gateway = start_gateway(SLOT_WAIT_S="0")
     pid = gateway.worker_pids()[0]
     pinned = session_on_worker(gateway, pid)
     for _ in range(7):  # all on one worker

@@ -3,6 +3,7 @@
 hanging up or by DELETE, fair between keys, and that a waiter killed with
 kill -9 never blocks."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -110,20 +111,22 @@ def test_waiters_are_served_in_arrival_order_across_workers(queued, stub):
 
 
 def test_a_turn_whose_fairness_record_cannot_be_written_still_gets_the_slot_and_frees_it(queued, stub):
-    """served.json is written when a waiter's turn comes; a disk that
-    refuses the write (here: a directory where its temporary file goes)
-    must not leave the slot taken and lost."""
+    """served.json is written when a request gets its turn, at the door or
+    in line; a disk that refuses the write (here: a directory where its
+    temporary file goes) must not leave the slot taken and lost."""
     blocker = os.path.join(queued.state_dir, "locks", "queue", "served.json.new")
-    holder = hold_slot(queued, "disk-0")
+    with contextlib.suppress(FileNotFoundError):  # no record yet: each turn must write one
+        os.unlink(os.path.join(queued.state_dir, "locks", "queue", "served.json"))
     os.makedirs(blocker)
     try:
+        holder = hold_slot(queued, "disk-0")
         [waiter] = queue_up(queued, ["disk-1"])
         holder.close()
         waiter.join(10)
         assert waiter.answer.status_code == 200
         assert queued.wait_slot_free(5)
+        assert queued.read_log().count("could not record a key's turn") == 2  # disk-0 at the door, disk-1 in line
         assert queued.post("/api/chat", json=CHAT).status_code == 200
-        assert "could not record a key's turn" in queued.read_log()
     finally:
         os.rmdir(blocker)
 
@@ -213,26 +216,33 @@ def test_ndjson_waiter_gets_no_queue_lines(queued, stub):
 
 
 def test_the_slot_goes_to_the_key_served_least_recently(start_gateway, stub, tmp_path):
+    """Key A holds the GPU and fills the line (QUEUE_MAX 4) with its backlog:
+    A's next request is refused, but key B, with nothing waiting, still gets
+    a place; and since A's request that took the slot straight away counts
+    as A's turn, B goes before all of A's backlog."""
     (tmp_path / "keys").write_text("key-a\nkey-b\nadmin-key ops admin\n")  # two bare keys, and an admin to watch
-    gateway = start_gateway(SLOT_WAIT_S="20", QUEUE_MAX="16", GATEWAY_API_KEYS="@%s" % (tmp_path / "keys"))
+    gateway = start_gateway(SLOT_WAIT_S="20", QUEUE_MAX="4", GATEWAY_API_KEYS="@%s" % (tmp_path / "keys"))
     a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     holder = hold_slot(gateway, "fair-a0", [("Authorization", "Bearer key-a")])
-    backlog = queue_up(gateway, ["fair-a%d" % n for n in range(1, 7)], a)
-    single = queue_up(gateway, ["fair-b1"], b)[0]
+    backlog = queue_up(gateway, ["fair-a%d" % n for n in range(1, 5)], a)
+    refused = gateway.post("/api/chat", json=CHAT, headers=dict(a, **{"X-Task-Id": "fair-a5"}))
+    assert refused.status_code == 503 and "queue full" in gateway_error(refused)["message"]
+    single = queue_up(gateway, ["fair-b1"], b)[0]  # the line is full, but not of B's requests
     fingerprint = "key-" + hashlib.sha256(b"key-b").hexdigest()[:8]  # a bare key is named by its fingerprint
     shown = {w["task_id"]: w for w in gateway.get("/slots", headers=b).json()["queue"] if "task_id" in w}
     assert list(shown) == ["fair-b1"]  # key B sees its own waiter, not key A's
-    assert shown["fair-b1"]["key"] == fingerprint and shown["fair-b1"]["position"] == 2
-    assert wait_until(lambda: position(gateway, "fair-b1", b) == 2, 0.5)
+    assert shown["fair-b1"]["key"] == fingerprint and shown["fair-b1"]["position"] == 1
+    assert wait_until(lambda: position(gateway, "fair-b1", b) == 1, 0.5)
     assert gateway.get("/tasks/status/fair-b1", headers=b).json()["extensions"]["key"] == fingerprint
     assert "key-b" not in json.dumps(gateway.get("/slots", headers=b).json())
+    second = gateway.post("/api/chat", json=CHAT, headers=dict(b, **{"X-Task-Id": "fair-b2"}))
+    assert second.status_code == 503  # B has its place; beyond it, QUEUE_MAX holds for B too
     holder.close()
     for waiter in backlog + [single]:
         waiter.join(15)
         assert waiter.answer.status_code == 200
     order = served_order(stub)
-    assert order[:3] == ["fair-a0", "fair-a1", "fair-b1"], order
-    assert order[3:] == ["fair-a%d" % n for n in range(2, 7)]
+    assert order == ["fair-a0", "fair-b1"] + ["fair-a%d" % n for n in range(1, 5)], order
 
 
 def hold_process(gateway, *args, **popen):

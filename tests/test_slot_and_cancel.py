@@ -108,7 +108,7 @@ def test_slot_wait_refuses_after_waiting(start_gateway, stub):
 
 
 def test_more_slots_admit_more_requests(start_gateway, stub):
-    gateway = start_gateway(GPU_SLOTS="2")
+    gateway = start_gateway(GPU_SLOTS="2", SLOT_WAIT_S="0")
     socks = [hold_slot(gateway, stub, "two-0"),
              raw_request(gateway, "/api/chat", CHAT, [("X-Stub", "stall=30"), ("X-Task-Id", "two-1")])]
     try:
@@ -159,7 +159,7 @@ def test_a_record_left_by_an_earlier_holder_is_not_shown_for_flock1(gateway, stu
 
 
 def test_a_shorter_record_replaces_a_longer_one_whole(start_gateway, stub):
-    gateway = start_gateway()
+    gateway = start_gateway(SLOT_WAIT_S="0")
     long_id = "long-" + "x" * 120
     assert gateway.post("/api/chat", json=dict(CHAT, stream=False), headers={"X-Task-Id": long_id}).status_code == 200
     sock = hold_slot(gateway, stub, "short-1")

@@ -81,7 +81,7 @@ def test_delete_frees_the_slot_of_a_client_that_does_not_read(gateway, stub):
 
 def test_another_keys_task_id_is_not_told_by_slots_or_busy_answers(start_gateway, stub, tmp_path):
     (tmp_path / "keys").write_text("sk-a alice\nsk-b bob\n")
-    gateway = start_gateway(GATEWAY_API_KEYS="@%s" % (tmp_path / "keys"), WORKERS="1")
+    gateway = start_gateway(GATEWAY_API_KEYS="@%s" % (tmp_path / "keys"), WORKERS="1", SLOT_WAIT_S="0")
     sock = socket.create_connection(("127.0.0.1", gateway.port))
     body = json.dumps(CHAT).encode()
     sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-a\r\nX-Task-Id: alice-secret\r\n"

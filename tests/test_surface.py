@@ -143,7 +143,7 @@ def ten_mib_gateway(start_gateway):
 
 @pytest.fixture(scope="module")
 def cloud_gateway(start_gateway):
-    return start_gateway(ALLOW_OLLAMA_CLOUD="1", WORKERS="1")
+    return start_gateway(ALLOW_OLLAMA_CLOUD="1", WORKERS="1", SLOT_WAIT_S="0")
 
 
 @pytest.fixture(scope="module")

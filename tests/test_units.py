@@ -146,3 +146,31 @@ def test_importing_the_gateway_reads_nothing_creates_nothing_and_never_exits(tmp
     checked = subprocess.run([sys.executable, "-m", "gateway", "check"], cwd=os.path.dirname(os.path.dirname(__file__)),
                              env=env, capture_output=True, text=True, timeout=60)
     assert checked.returncode == 2 and checked.stderr.count("\n") == 1 and "configuration error" in checked.stderr
+
+
+def test_a_store_opened_while_another_process_has_the_new_file_locked_waits_for_it(tmp_path):
+    """Two workers' first requests on a new SQLite file: one sets WAL mode
+    while the other has the file. Held here for half a second (longer than
+    a store call may wait), the store still opens once the file is free."""
+    import sqlite3
+    import threading
+
+    import status
+    path = str(tmp_path / "tasks.sqlite3")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.5, other.rollback).start()
+    store = status.SqliteStore(path, 60, 60, 5)
+    store.ping()
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()
+
+
+def test_the_defaults_wait_their_turn_as_on_ollama(tmp_path):
+    def config(**env):
+        return Config.from_environ(dict(env, STATE_DIR=str(tmp_path)))
+
+    assert (config().slot_wait_s, config().queue_max) == (300.0, 32)  # the read timeout; half of 2 workers x 32 threads
+    assert config(UPSTREAM_READ_TIMEOUT_S="600").slot_wait_s == 600.0
+    assert config(SLOT_WAIT_S="0", THREADS="8").slot_wait_s == 0.0
+    assert config(THREADS="8").queue_max == 8
