@@ -18,7 +18,7 @@ import urllib.parse
 import zlib
 
 from edgegate_errors import GatewayError, printable, short_message
-from edgegate_spool import PIECE
+from edgegate_spool import PIECE, SpoolFailed
 
 
 # Every POST route that runs a model, and the kind of body it has: "json", or
@@ -99,15 +99,19 @@ def read_request(config, room, environ, path, method, key):
         if key is not None and not key.admin:
             raise GatewayError(403, "management_disabled", "%s needs an admin key (GATEWAY_API_KEYS, "
                                "a line 'KEY NAME admin' in the key file)" % path)
-    body, decoded = decoded_body(environ, read_body(environ, config.max_body_bytes, room), config.max_body_bytes,
-                                 room)
-    request = ProxiedRequest(path, method, body, decoded=decoded)
+    request = None
     try:
+        body, decoded = decoded_body(environ, read_body(environ, config.max_body_bytes, room),
+                                     config.max_body_bytes, room)
+        request = ProxiedRequest(path, method, body, decoded=decoded)
         kind = INFERENCE_ROUTES.get(path) if method == "POST" else None
         if kind is not None:
             read_document(config, room, environ, request, kind)
-    except BaseException:
-        request.close()
+    except BaseException as error:
+        if request is not None:
+            request.close()
+        if isinstance(error, SpoolFailed):
+            raise GatewayError(503, "body_not_stored", str(error), headers=[("Retry-After", "5")])
         raise
     return request
 
@@ -124,24 +128,32 @@ def read_document(config, room, environ, request, kind):
             models = form_models(environ, request.body.read_all())
             for model in models[1:]:  # Ollama runs the first; none may be a refused one
                 refuse_ollama_cloud(config, model)
-            document, changed = {"model": models[0] if models else None}, False
+            document, changed, replaced = {"model": models[0] if models else None}, {}, []
         else:
             document = parse_json_object(request.body)
-            changed = False if is_cloud_model(document) else adjust_body(request.path, document, config)
+            changed, replaced = ({}, []) if is_cloud_model(document) else adjust_body(request.path, document, config)
         refuse_ollama_cloud(config, document.get("model"))
         request.model = document.get("model")
         request.stream = bool(document.get("stream", request.path.startswith("/api/")
                                             and request.path not in EMBEDDING_PATHS))
-        if changed:
-            request.body.close()
-            request.body = json_spool(document, room)
-        request.body.written()
+        was_empty = len(document) == len(changed)
+        if replaced:  # a field the client sent is changed: the document is written again, whole
+            rewrite(request, json_spool(document, room))
         request.document, request.share, share = document, share, None
-        if not is_cloud_model(document):
-            request.let_go_of_document()
+        del document  # the request's is now the one reference: let_go_of_document frees it
+        if not request.to_cloud:
+            request.let_go_of_document()  # the budget is free for the next body before this one is copied
     finally:
         if share is not None:
             share.release()
+    if changed and not replaced:
+        rewrite(request, with_fields_added(request.body, changed, room, was_empty))
+    request.body.written()
+
+
+def rewrite(request, body):
+    request.body.close()
+    request.body = body
 
 
 def take_share(room, body, kind):
@@ -150,11 +162,30 @@ def take_share(room, body, kind):
     Retry-After past BODY_WAIT_S (README, "Large request bodies")."""
     if not body.on_disk:
         return None
-    share = room.budget.take(len(body) * (1 if kind == "multipart" else body.width), room.wait_s)
+    # A form is parsed by the email package, which keeps the whole body as
+    # text with escaped bytes (2 bytes a byte) beside the bytes: 4 per byte, counted.
+    share = room.budget.take(len(body) * (4 if kind == "multipart" else body.width), room.wait_s)
     if share is None:
         raise GatewayError(503, "body_memory_busy", "this worker is reading as many large request bodies as "
                            "BODY_MEMORY_BYTES allows; retry shortly", headers=[("Retry-After", "1")])
     return share
+
+
+def with_fields_added(body, fields, room, was_empty):
+    """The body as it came, with ``fields`` (new keys) put first in its
+    object: the client's bytes are copied, not parsed and written again,
+    so that a large body is never held twice (README, "Large request
+    bodies"). The object's first byte that is not white space is its ``{``."""
+    added = ", ".join(json.dumps(key) + ": " + json.dumps(value, allow_nan=False) for key, value in fields.items())
+    spool, inserted = room.spool(), False
+    for piece in body.pieces():
+        at = -1 if inserted else piece.find(b"{")
+        if at >= 0:
+            separator = b"" if was_empty else b", "  # {} becomes {"keep_alive": "30s"}
+            piece = piece[:at + 1] + added.encode("utf-8") + separator + piece[at + 1:]
+            inserted = True
+        spool.write(piece)
+    return spool
 
 
 def json_spool(document, room):
@@ -297,17 +328,17 @@ ZSTD_STEP = 32
 def _unzstd(raw):
     """zstd, frames one after the other (RFC 8878 3.1), each decoded by a
     decoder of this body's own and known to end (zstandard's stream reader
-    ends quietly on a frame cut short; its decompressobj says ``eof``).
+    ends quietly on a frame cut short; a frame decoder says ``eof``).
     Input goes in small steps, since one call decodes all it is given: so
     a bomb is stopped as it grows."""
-    if zstandard is None:
+    if zstd_frame_decoder is None:
         raise GatewayError(415, "unsupported_encoding", "zstd needs the zstandard package on Python < 3.14")
     frame = None
     for data in raw.pieces():
         view, at = memoryview(data), 0
         while at < len(view):
             if frame is None or frame.eof:
-                frame = zstandard.ZstdDecompressor().decompressobj(read_across_frames=False)
+                frame = zstd_frame_decoder()
             step = view[at:at + ZSTD_STEP]
             at += len(step)
             yield frame.decompress(step)
@@ -317,10 +348,19 @@ def _unzstd(raw):
         raise EOFError("the zstd frame ends early")
 
 
-try:  # zstd: the zstandard wheel (README, "Dependencies"); compression.zstd from Python 3.14
-    import zstandard
+# A decoder for one zstd frame, with ``decompress``, ``eof`` and
+# ``unused_data``: the standard library's from Python 3.14, else the
+# zstandard wheel's (README, "Dependencies"). Never shared: one per frame.
+try:
+    from compression.zstd import ZstdDecompressor as zstd_frame_decoder
 except ImportError:
-    zstandard = None
+    try:
+        import zstandard
+
+        def zstd_frame_decoder():
+            return zstandard.ZstdDecompressor().decompressobj(read_across_frames=False)
+    except ImportError:
+        zstd_frame_decoder = None
 
 BODY_DECODERS = {
     "gzip": lambda raw: _inflate(raw, 16 + zlib.MAX_WBITS), "x-gzip": lambda raw: _inflate(raw, 16 + zlib.MAX_WBITS),
@@ -379,15 +419,15 @@ def _one_key_each(pairs):
 def adjust_body(path, document, config):
     """The two changes the gateway makes to an inference body (README,
     "Request body"): the default model, and ``keep_alive`` on Ollama's
-    native API. True when the document changed (else the original bytes go
-    upstream)."""
-    changed = False
+    native API. Returns the fields set, {} when none (then the original
+    bytes go upstream); the document is changed too."""
+    changes = {}
     if config.default_model and (document.get("model") in config.model_aliases or "model" not in document):
-        document["model"] = config.default_model
-        changed = True
+        changes["model"] = config.default_model
     if path.startswith("/api/") and config.keep_alive_default and "keep_alive" not in document:
-        document["keep_alive"] = config.keep_alive_default
-        changed = True
-    return changed
+        changes["keep_alive"] = config.keep_alive_default
+    replaced = [key for key in changes if key in document]
+    document.update(changes)
+    return changes, replaced
 
 

@@ -32,6 +32,12 @@ WIDER_THAN_LATIN1 = re.compile(rb"[\xc4-\xf4]")
 ASTRAL = re.compile(rb"[\xf0-\xf4]")
 
 
+class SpoolFailed(Exception):
+    """A body could not be kept (the disk under STATE_DIR is full or not
+    writable). Not an OSError: one of those escaping the application makes
+    gunicorn drop the connection without an answer."""
+
+
 class Spool:
     """Bytes written once, then read back from the start: in memory up to
     ``in_memory`` bytes, beyond that in an unlinked temporary file in
@@ -41,11 +47,15 @@ class Spool:
 
     def __init__(self, directory, in_memory):
         self._file = tempfile.SpooledTemporaryFile(max_size=in_memory, dir=directory)
+        self.directory = directory
         self.size = 0
         self.width = 1  # bytes a character of its text takes in a Python str (see WIDER_THAN_LATIN1)
 
     def write(self, data):
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as error:
+            raise SpoolFailed("the request body could not be stored in %s: %s" % (self.directory, error.strerror))
         self.size += len(data)
         if self.width < 4 and WIDER_THAN_LATIN1.search(data):
             self.width = 4 if ASTRAL.search(data) else 2
@@ -158,12 +168,17 @@ class BodyRoom:
         self.in_memory = config.client_body_buffer_bytes
         self.wait_s = config.body_wait_s
         self.budget = BodyBudget(config.body_memory_bytes)
+        self._made = False
 
     def spool(self, in_memory=None):
         """A new Spool, in memory up to ``in_memory`` (default
         CLIENT_BODY_BUFFER_BYTES); 1 for one that goes to a file at once."""
-        if not os.path.isdir(self.directory):
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if not self._made:
+            try:  # made once, when first needed; if it cannot be, a body that needs the file is refused then
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                self._made = True
+            except OSError:
+                pass
         return Spool(self.directory, in_memory or self.in_memory)
 
 

@@ -67,7 +67,7 @@ from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
-from edgegate_spool import BodyRoom, give_large_buffers_back
+from edgegate_spool import BodyRoom, SpoolFailed, give_large_buffers_back
 
 # ================================================================ settings
 
@@ -550,10 +550,15 @@ class HeadJudging:
         start = arriving.body_start
         if end - start <= self.bodies.in_memory:
             return
-        if arriving.spool is None:
-            arriving.spool = self.bodies.spool(in_memory=1)
-        with memoryview(arriving.data) as view:
-            arriving.spool.write(view[start:end])
+        try:
+            if arriving.spool is None:
+                arriving.spool = self.bodies.spool(in_memory=1)
+            with memoryview(arriving.data) as view:
+                arriving.spool.write(view[start:end])
+        except SpoolFailed as error:  # a full disk: this request is answered, the worker goes on
+            self.log.error("%s", error)
+            raise Refusal(503, "body_not_stored", "the gateway could not store the request body; retry later",
+                          headers=[("Retry-After", "5")])
         del arriving.data[start:end]
         arriving.spooled += end - start
         if arriving.chunked is not None:

@@ -311,3 +311,28 @@ def test_a_spooled_body_arrives_whole_and_the_next_request_on_the_connection_too
     assert [r.body for r in records] == [body, follow]
     [worker_a, worker_b] = gateway.worker_pids()
     assert spooled_files(worker_a, gateway.state_dir) == spooled_files(worker_b, gateway.state_dir) == []
+
+
+@pytest.mark.parametrize("sent", [
+    b' \r\n{"model": "llama3.2", "messages": [], "stream": false, "x": "\\u00e9 \xc3\xa9"}',
+    b'\t{ }',
+])
+def test_the_keep_alive_default_is_added_to_the_clients_own_bytes(gateway, stub, sent):
+    gateway.post("/api/chat", data=sent, headers=JSON)
+    [record] = stub.requests_to("/api/chat")
+    assert record.json() == dict(json.loads(sent), keep_alive="30s")
+    brace = sent.index(b"{")
+    assert record.body.startswith(sent[:brace + 1] + b'"keep_alive": "30s"')
+    assert record.body.endswith(sent[brace + 1:])  # the rest as the client wrote it, not written again
+
+
+def test_a_body_that_cannot_be_stored_gets_503_and_small_ones_still_pass(start_gateway, stub):
+    gateway = start_gateway(WORKERS="1")
+    with open(os.path.join(gateway.state_dir, "bodies"), "w") as f:  # where bodies go is not a directory
+        f.write("in the way")
+    large = gateway.post("/api/chat", data=json.dumps(chat("x" * 300000)), headers=JSON)
+    assert large.status_code == 503, large.text
+    assert gateway_error(large)["code"] == "body_not_stored" and large.headers["Retry-After"] == "5"
+    assert gateway.post("/api/chat", json=chat("small")).status_code == 200
+    assert [r.json()["messages"][0]["content"] for r in stub.received] == ["small"]
+    assert len(gateway.worker_pids()) == 1
