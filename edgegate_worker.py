@@ -12,8 +12,9 @@ So THREADS clients that send their head or body one byte a second, or that
 connect and say nothing, take every thread, and /healthz, /api/tags and
 chats time out behind them. This worker does what nginx does in front of an
 application: the main thread reads each request, head and body, from
-non-blocking sockets into a buffer, and a thread is taken only for a request
-that has fully arrived. The thread then runs gunicorn's own parser and the
+non-blocking sockets into a buffer (a body past CLIENT_BODY_BUFFER_BYTES
+into a temporary file, as nginx does; README, "Large request bodies"), and
+a thread is taken only for a request that has fully arrived. The thread then runs gunicorn's own parser and the
 application as before, reading the buffered bytes.
 
 On the way it refuses, with the gateway's JSON error envelope and a closed
@@ -36,6 +37,8 @@ connection, what it can judge from the bytes alone:
                               over limit_request_field_size
     501 unsupported_transfer_coding
                               a Transfer-Encoding gunicorn does not read
+    503 body_not_stored       a body past CLIENT_BODY_BUFFER_BYTES that cannot
+                              be written to STATE_DIR/bodies (a full disk)
 
 For a head gunicorn's parser refuses, the status is gunicorn's own; only the
 answer changes: gunicorn writes an HTML page and logs no access line.

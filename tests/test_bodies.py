@@ -336,3 +336,15 @@ def test_a_body_that_cannot_be_stored_gets_503_and_small_ones_still_pass(start_g
     assert gateway.post("/api/chat", json=chat("small")).status_code == 200
     assert [r.json()["messages"][0]["content"] for r in stub.received] == ["small"]
     assert len(gateway.worker_pids()) == 1
+
+
+def test_a_large_blob_upload_goes_upstream_from_its_spool_byte_for_byte(start_gateway, stub):
+    gateway = start_gateway(WORKERS="1", ALLOW_MANAGEMENT="1")
+    blob = os.urandom(3 * MiB)
+    digest = "sha256:" + __import__("hashlib").sha256(blob).hexdigest()
+    answer = gateway.post("/api/blobs/" + digest, data=iter([blob[:MiB], blob[MiB:]]))  # chunked
+    assert answer.status_code == 201, answer.text
+    [record] = stub.requests_to("/api/blobs/" + digest)
+    assert record.body == blob and int(record.headers["content-length"]) == len(blob)
+    [worker] = gateway.worker_pids()
+    assert wait_until(lambda: spooled_files(worker, gateway.state_dir) == [], 5)
