@@ -11,13 +11,14 @@ It returns a ``ProxiedRequest``: values only, nothing to release.
 import dataclasses
 import email.parser
 import email.policy
-import io
 import json
+import math
 import re
 import urllib.parse
 import zlib
 
 from edgegate_errors import GatewayError, printable, short_message
+from edgegate_spool import PIECE, SpoolFailed
 
 
 # Every POST route that runs a model, and the kind of body it has: "json", or
@@ -44,17 +45,32 @@ OLLAMA_CLOUD_MODEL_RE = re.compile(r"(?:[-:]\s*cloud|:[^:/]*-cloud)\s*$", re.IGN
 
 @dataclasses.dataclass
 class ProxiedRequest:
-    """What the client asked for, checked: the body to send upstream (the
-    bytes as they came unless a change was made) and, on an inference
-    route, its document (the parsed JSON, or the form's model)."""
+    """What the client asked for, checked: the body to send upstream (a
+    Spool: the bytes as they came unless a change was made) and, on an
+    inference route, its document (the fields the exchange reads; whole
+    for the cloud route, which builds its own body). ``close`` lets go of
+    the body and of the budget share it may hold."""
 
     path: str
     method: str
-    body: bytes
+    body: object  # edgegate_spool.Spool
     document: dict = None
     decoded: bool = False  # the body came compressed and is sent decoded
     model: str = None
     stream: bool = False
+    share: object = None  # the worker's body budget, held while a whole document is kept
+
+    def let_go_of_document(self):
+        """The cloud route's body is built: keep only what the exchange reads."""
+        if self.document is not None:
+            self.document = {k: self.document[k] for k in ("model", "keep_alive", "stream") if k in self.document}
+        share, self.share = self.share, None
+        if share is not None:
+            share.release()
+
+    def close(self):
+        self.let_go_of_document()
+        self.body.close()
 
     @property
     def inference(self):
@@ -72,10 +88,12 @@ class ProxiedRequest:
             isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model))
 
 
-def read_request(config, environ, path, method, key):
+def read_request(config, room, environ, path, method, key):
     """Refusals first, then the body: decoded if it came compressed, parsed
     and adjusted on an inference route, passed on as it came elsewhere.
-    ``key``: the ApiKey the request came with (None when keys are off)."""
+    ``room``: the worker's BodyRoom (edgegate_spool.py), where the body is
+    kept; ``key``: the ApiKey the request came with (None when keys are off).
+    The ProxiedRequest it returns holds the body until its ``close``."""
     if path.rstrip("/") in MANAGEMENT_PATHS or path.startswith(MANAGEMENT_PREFIXES):
         if not config.allow_management:
             raise GatewayError(403, "management_disabled",
@@ -83,22 +101,104 @@ def read_request(config, environ, path, method, key):
         if key is not None and not key.admin:
             raise GatewayError(403, "management_disabled", "%s needs an admin key (GATEWAY_API_KEYS, "
                                "a line 'KEY NAME admin' in the key file)" % path)
-    raw, decoded = decoded_body(environ, read_body(environ, config.max_body_bytes), config.max_body_bytes)
-    kind = INFERENCE_ROUTES.get(path) if method == "POST" else None
-    if kind is None:
-        return ProxiedRequest(path, method, raw, decoded=decoded)
-    if kind == "multipart":
-        models = form_models(environ, raw)
-        for model in models[1:]:  # Ollama runs the first; none may be a refused one
-            refuse_ollama_cloud(config, model)
-        document, changed = {"model": models[0] if models else None}, False
-    else:
-        document = parse_json_object(raw)
-        changed = False if is_cloud_model(document) else adjust_body(path, document, config)
-    refuse_ollama_cloud(config, document.get("model"))
-    stream = document.get("stream", path.startswith("/api/") and path not in EMBEDDING_PATHS)
-    return ProxiedRequest(path, method, json.dumps(document).encode() if changed else raw, document, decoded,
-                          model=document.get("model"), stream=bool(stream))
+    request = None
+    try:
+        body, decoded = decoded_body(environ, read_body(environ, config.max_body_bytes, room),
+                                     config.max_body_bytes, room)
+        request = ProxiedRequest(path, method, body, decoded=decoded)
+        kind = INFERENCE_ROUTES.get(path) if method == "POST" else None
+        if kind is not None:
+            read_document(config, room, environ, request, kind)
+    except BaseException as error:
+        if request is not None:
+            request.close()
+        if isinstance(error, SpoolFailed):
+            raise GatewayError(503, "body_not_stored", str(error), headers=[("Retry-After", "5")])
+        raise
+    return request
+
+
+def read_document(config, room, environ, request, kind):
+    """An inference body, read whole under the worker's budget: the model
+    checked, the gateway's changes made (the body re-written to a new spool
+    when changed). Only the few fields the rest of the exchange reads are
+    kept afterwards, and the budget is given back -- but for the cloud
+    route, which builds its own body from the document later."""
+    share = take_share(room, request.body, kind)
+    try:
+        if kind == "multipart":
+            models = form_models(environ, request.body.read_all())
+            for model in models[1:]:  # Ollama runs the first; none may be a refused one
+                refuse_ollama_cloud(config, model)
+            document, changed, replaced = {"model": models[0] if models else None}, {}, []
+        else:
+            document = parse_json_object(request.body)
+            changed, replaced = ({}, []) if is_cloud_model(document) else adjust_body(request.path, document, config)
+        refuse_ollama_cloud(config, document.get("model"))
+        request.model = document.get("model")
+        request.stream = bool(document.get("stream", request.path.startswith("/api/")
+                                            and request.path not in EMBEDDING_PATHS))
+        was_empty = len(document) == len(changed)
+        if replaced:  # a field the client sent is changed: the document is written again, whole
+            rewrite(request, json_spool(document, room))
+        request.document, request.share, share = document, share, None
+        del document  # the request's is now the one reference: let_go_of_document frees it
+        if not request.to_cloud:
+            request.let_go_of_document()  # the budget is free for the next body before this one is copied
+    finally:
+        if share is not None:
+            share.release()
+    if changed and not replaced:
+        rewrite(request, with_fields_added(request.body, changed, room, was_empty))
+    request.body.written()
+
+
+def rewrite(request, body):
+    request.body.close()
+    request.body = body
+
+
+def take_share(room, body, kind):
+    """The budget a body needs to be read whole (None for a small one,
+    which stays in memory anyway): its text's size in memory, or 503 with
+    Retry-After past BODY_WAIT_S (README, "Large request bodies")."""
+    if not body.on_disk:
+        return None
+    # A form is parsed by the email package, which keeps the whole body as
+    # text with escaped bytes (2 bytes a byte) beside the bytes: 4 per byte, counted.
+    share = room.budget.take(len(body) * (4 if kind == "multipart" else body.width), room.wait_s)
+    if share is None:
+        raise GatewayError(503, "body_memory_busy", "this worker is reading as many large request bodies as "
+                           "BODY_MEMORY_BYTES allows; retry shortly", headers=[("Retry-After", "1")])
+    return share
+
+
+def with_fields_added(body, fields, room, was_empty):
+    """The body as it came, with ``fields`` (new keys) put first in its
+    object: the client's bytes are copied, not parsed and written again,
+    so that a large body is never held twice (README, "Large request
+    bodies"). The object's first byte that is not white space is its ``{``."""
+    added = ", ".join(json.dumps(key) + ": " + json.dumps(value, allow_nan=False) for key, value in fields.items())
+    spool, inserted = room.spool(), False
+    for piece in body.pieces():
+        at = -1 if inserted else piece.find(b"{")
+        if at >= 0:
+            separator = b"" if was_empty else b", "  # {} becomes {"keep_alive": "30s"}
+            piece = piece[:at + 1] + added.encode("utf-8") + separator + piece[at + 1:]
+            inserted = True
+        spool.write(piece)
+    return spool
+
+
+def json_spool(document, room):
+    """The document as the JSON body sent upstream, in a spool. Never
+    anything that is not JSON: ``allow_nan=False`` (a number Python reads
+    as infinite is refused before, in ``parse_json_object``)."""
+    text = json.dumps(document, allow_nan=False, ensure_ascii=False)
+    spool = room.spool()
+    for at in range(0, len(text), PIECE):
+        spool.write(text[at:at + PIECE].encode("utf-8"))
+    return spool
 
 
 # The cloud route (README, "Cloud route"): a model named openai/<name> goes
@@ -131,8 +231,9 @@ def form_models(environ, body):
     return [(m if isinstance(m, str) else m.decode("utf-8", "replace")).strip() for m in query + form]
 
 
-def read_body(environ, limit):
-    """The request body, refused with 413 before reading when too large."""
+def read_body(environ, limit, room):
+    """The request body, in a Spool; refused with 413 before reading when
+    too large."""
     length = environ.get("CONTENT_LENGTH") or ""
     if length:
         try:
@@ -142,72 +243,126 @@ def read_body(environ, limit):
         if declared > limit:
             raise GatewayError(413, "body_too_large",
                                "request body of %d bytes is over MAX_BODY_BYTES (%d)" % (declared, limit))
-        return environ["wsgi.input"].read(declared) if declared else b""
     # No length: a chunked request body (gunicorn decodes it). Read one byte
     # past the limit to know whether it is over, never more.
-    body = environ["wsgi.input"].read(limit + 1)
-    if len(body) > limit:
-        raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d)" % limit)
-    return body
+    left = declared if length else limit + 1
+    spool = room.spool()
+    try:
+        while left > 0:
+            piece = environ["wsgi.input"].read(min(PIECE, left))
+            if not piece:
+                break
+            spool.write(piece)
+            left -= len(piece)
+        if len(spool) > limit:
+            raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d)" % limit)
+    except BaseException:
+        spool.close()
+        raise
+    return spool.written()
 
 
-def decoded_body(environ, raw, limit):
+def decoded_body(environ, raw, limit, room):
     """A body sent compressed (``Content-Encoding`` gzip, deflate or zstd;
-    coding agents send zstd), decoded a piece at a time, so that a small bomb
-    is refused once its output passes MAX_BODY_BYTES, never inflated whole.
-    Returns the body and whether it was decoded."""
+    coding agents send zstd), decoded a piece at a time into a new spool,
+    so that a small bomb is refused once its output passes MAX_BODY_BYTES,
+    never inflated whole. Every body has decoders of its own (a zstd
+    decompressor shared by threads gives wrong answers and can crash the
+    process). Returns the body and whether it was decoded."""
     encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
     if encoding in ("", "identity"):
         return raw, False
-    if encoding not in BODY_DECODERS:
-        raise GatewayError(415, "unsupported_encoding", "Content-Encoding %s is not supported; send the body "
-                           "plain or as gzip, deflate or zstd" % printable(encoding))
-    pieces, size = [], 0
+    decoded = None
     try:
+        if encoding not in BODY_DECODERS:
+            raise GatewayError(415, "unsupported_encoding", "Content-Encoding %s is not supported; send the body "
+                               "plain or as gzip, deflate or zstd" % printable(encoding))
+        decoded = room.spool()
         for piece in BODY_DECODERS[encoding](raw):
-            size += len(piece)
-            if size > limit:
+            decoded.write(piece)
+            if len(decoded) > limit:
                 raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d) once "
                                    "decoded from %s" % (limit, encoding))
-            pieces.append(piece)
-    except GatewayError:
-        raise
-    except Exception as error:  # zlib.error, EOFError, zstd's own errors: all mean a broken body
-        raise GatewayError(400, "invalid_request", "the body is not valid %s: %s" % (encoding, short_message(error)))
-    return b"".join(pieces), True
+        return decoded.written(), True
+    except BaseException as error:
+        if decoded is not None:
+            decoded.close()
+        if isinstance(error, Exception) and not isinstance(error, GatewayError):
+            # zlib.error, EOFError, zstd's own errors: all mean a broken body
+            error = GatewayError(400, "invalid_request", "the body is not valid %s: %s"
+                                 % (encoding, short_message(error)))
+        raise error
+    finally:
+        raw.close()
 
 
 def _inflate(raw, wbits):
+    """gzip (wbits 16 + 15) or deflate (zlib's format, RFC 9110 8.4.1.2).
+    Several gzip members one after the other are one body (RFC 9110 8.4.1.3
+    names RFC 1952, whose 2.2 allows them); anything else after the end is
+    refused, never dropped."""
     decompressor = zlib.decompressobj(wbits)
-    data = raw
-    while data:
-        yield decompressor.decompress(data, 65536)
-        data = decompressor.unconsumed_tail
+    carry = b""  # the start of what follows a gzip member, too short yet to be judged
+    for data in raw.pieces():
+        data, carry = carry + data, b""
+        while data:
+            if decompressor.eof:  # a stream ended, and more came after it
+                if wbits != zlib.MAX_WBITS and len(data) < 2:
+                    carry = data
+                    break
+                if wbits == zlib.MAX_WBITS or data[:2] != b"\x1f\x8b":
+                    raise ValueError("data after the end of the compressed stream")
+                decompressor = zlib.decompressobj(wbits)
+            yield decompressor.decompress(data, PIECE)
+            data = decompressor.unconsumed_tail or decompressor.unused_data
+    if carry:
+        raise ValueError("data after the end of the compressed stream")
     yield decompressor.flush()
     if not decompressor.eof:
         raise EOFError("the compressed body ends early")
 
 
+# zstd input fed at a time: one zstd block (at most 128 KiB of output) takes
+# at least 4 bytes of input, so a call's output stays under 1 MiB.
+ZSTD_STEP = 32
+
+
 def _unzstd(raw):
-    if zstd_reader is None:
+    """zstd, frames one after the other (RFC 8878 3.1), each decoded by a
+    decoder of this body's own and known to end (zstandard's stream reader
+    ends quietly on a frame cut short; a frame decoder says ``eof``).
+    Input goes in small steps, since one call decodes all it is given: so
+    a bomb is stopped as it grows."""
+    if zstd_frame_decoder is None:
         raise GatewayError(415, "unsupported_encoding", "zstd needs the zstandard package on Python < 3.14")
-    reader = zstd_reader(io.BytesIO(raw))
-    while True:
-        piece = reader.read(65536)
-        if not piece:
-            return
-        yield piece
+    frame = None
+    for data in raw.pieces():
+        view, at = memoryview(data), 0
+        while at < len(view):
+            if frame is None or frame.eof:
+                frame = zstd_frame_decoder()
+            step = view[at:at + ZSTD_STEP]
+            at += len(step)
+            yield frame.decompress(step)
+            if frame.eof:
+                at -= len(frame.unused_data)  # the next frame's first bytes: fed again to its own decoder
+    if frame is None or not frame.eof:
+        raise EOFError("the zstd frame ends early")
 
 
-try:  # zstd: in the standard library from Python 3.14, else the zstandard wheel (README, "Dependencies")
-    from compression.zstd import ZstdFile as zstd_reader
+# A decoder for one zstd frame, with ``decompress``, ``eof`` and
+# ``unused_data``: the standard library's from Python 3.14, else the
+# zstandard wheel's (README, "Dependencies"). Never shared: one per frame.
+try:
+    from compression.zstd import ZstdDecompressor as zstd_frame_decoder
 except ImportError:
     try:
         import zstandard
 
-        zstd_reader = zstandard.ZstdDecompressor().stream_reader
+        def zstd_frame_decoder():
+            return zstandard.ZstdDecompressor().decompressobj(read_across_frames=False)
     except ImportError:
-        zstd_reader = None
+        zstd_frame_decoder = None
 
 BODY_DECODERS = {
     "gzip": lambda raw: _inflate(raw, 16 + zlib.MAX_WBITS), "x-gzip": lambda raw: _inflate(raw, 16 + zlib.MAX_WBITS),
@@ -215,12 +370,17 @@ BODY_DECODERS = {
 }
 
 
-def parse_json_object(raw):
-    """The body as a JSON object, read as strictly as Ollama's decoder: UTF-8
-    only, no NaN or Infinity, no lone surrogates; a ``model`` is a string."""
+def parse_json_object(body):
+    """The body (a Spool) as a JSON object, read as strictly as Ollama's
+    decoder: UTF-8 only, no NaN or Infinity, no number out of float64's
+    range (Python would read 1e400 as infinity, which is not JSON), no lone
+    surrogates; a ``model`` is a string."""
     try:
-        document = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_one_key_each)
-        if b"\\u" in raw and re.search(rb"\\u[dD][89a-fA-F]", raw):  # encoded surrogates: all must pair up
+        text = body.read_all().decode("utf-8")  # the bytes go at once: only the text stays while parsing
+        document = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                              object_pairs_hook=_one_key_each)
+        if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):  # encoded surrogates: all must pair up
+            del text
             json.dumps(document, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and UnicodeEncodeError are ValueErrors
         raise GatewayError(400, "invalid_json", "request body is not valid JSON: %s" % str(e)[:200])
@@ -231,6 +391,13 @@ def parse_json_object(raw):
         raise GatewayError(400, "invalid_request", "model must be a string, not %s"
                            % type(document["model"]).__name__, )
     return document
+
+
+def _finite_float(text):
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError("the number %s is out of range" % text[:40])
+    return number
 
 
 def _refuse_constant(name):
@@ -254,13 +421,15 @@ def _one_key_each(pairs):
 def adjust_body(path, document, config):
     """The two changes the gateway makes to an inference body (README,
     "Request body"): the default model, and ``keep_alive`` on Ollama's
-    native API. True when the document changed (else the original bytes go
-    upstream)."""
-    changed = False
+    native API. Returns the fields set, {} when none (then the original
+    bytes go upstream); the document is changed too."""
+    changes = {}
     if config.default_model and (document.get("model") in config.model_aliases or "model" not in document):
-        document["model"] = config.default_model
-        changed = True
+        changes["model"] = config.default_model
     if path.startswith("/api/") and config.keep_alive_default and "keep_alive" not in document:
-        document["keep_alive"] = config.keep_alive_default
-        changed = True
-    return changed
+        changes["keep_alive"] = config.keep_alive_default
+    replaced = [key for key in changes if key in document]
+    document.update(changes)
+    return changes, replaced
+
+

@@ -32,13 +32,13 @@ def cloud_forward(config, cloud, environ, request):
     headers["Authorization"] = "Bearer " + config.openai_api_key
     headers["Content-Type"] = "application/json"
     if request.path != "/api/chat":
-        body = json.dumps(dict(document, model=model)).encode()
+        body = json.dumps(dict(document, model=model), allow_nan=False).encode()
         return Forward(cloud, "openai", "the cloud (openai)", "POST",
                        upstream_target(environ, request.path), headers, body)
     chat = ollama_chat_to_openai(document, model)
     headers["Accept-Encoding"] = "identity"  # the translation reads the answer's bytes
     return Forward(cloud, "openai", "the cloud (openai)", "POST", "/v1/chat/completions", headers,
-                   json.dumps(chat).encode(), Translation(document["model"], chat["stream"]))
+                   json.dumps(chat, allow_nan=False).encode(), Translation(document["model"], chat["stream"]))
 
 
 class Translation:

@@ -225,6 +225,9 @@ class Config:
     default_model: str
     model_aliases: tuple
     max_body_bytes: int
+    client_body_buffer_bytes: int
+    body_memory_bytes: int
+    body_wait_s: float
     api_keys: tuple
     allow_management: bool
     allow_ollama_cloud: bool
@@ -249,6 +252,7 @@ class Config:
         upstream_bases = _upstream_bases(env)
         read_timeout_s = _number(env, "UPSTREAM_READ_TIMEOUT_S", 300.0, float, 0.01, alias="PROVIDER_TIMEOUT_SECONDS")
         workers, threads = _number(env, "WORKERS", 2, int, 1, 64), _number(env, "THREADS", 32, int, 1, 1024)
+        max_body_bytes = _number(env, "MAX_BODY_BYTES", 64 * 1024 * 1024, int, 1)
         return cls(
             upstream_bases=upstream_bases,
             upstream_down_s=_number(env, "UPSTREAM_DOWN_S", 10.0, float, 0),  # a refusing upstream is skipped
@@ -276,7 +280,11 @@ class Config:
             keep_alive_default=_keep_alive_default(env),
             default_model=_text(env, "DEFAULT_MODEL"),
             model_aliases=tuple(a.strip() for a in _text(env, "MODEL_ALIASES", "ollama,local").split(",") if a.strip()),
-            max_body_bytes=_number(env, "MAX_BODY_BYTES", 64 * 1024 * 1024, int, 1),
+            max_body_bytes=max_body_bytes,
+            # README, "Large request bodies": what of a body stays in memory, and what one worker parses at once
+            client_body_buffer_bytes=_number(env, "CLIENT_BODY_BUFFER_BYTES", 64 * 1024, int, 1024),
+            body_memory_bytes=_number(env, "BODY_MEMORY_BYTES", max_body_bytes, int, 1),
+            body_wait_s=_number(env, "BODY_WAIT_S", 5.0, float, 0),
             api_keys=_api_keys(env),
             allow_management=_flag(env, "ALLOW_MANAGEMENT"),
             allow_ollama_cloud=_flag(env, "ALLOW_OLLAMA_CLOUD"),

@@ -103,7 +103,7 @@ class Hold:
         try:
             loaded = self._loaded(upstream)
             for model in loaded:
-                body = json.dumps({"model": model, "keep_alive": 0}).encode()
+                body = json.dumps({"model": model, "keep_alive": 0}, allow_nan=False).encode()
                 upstream.send("POST", "/api/generate", {"Content-Type": "application/json"}, body).close()
             while loaded and time.monotonic() < deadline:
                 time.sleep(0.1)

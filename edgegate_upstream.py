@@ -118,8 +118,8 @@ def give_model_its_lifetime(upstream, path, document, headers, keep_alive_defaul
     load_path = "/api/embed" if path in EMBEDDING_PATHS else "/api/generate"
     headers = dict(headers, **{"Content-Type": "application/json"})
     try:
-        load = json.dumps({"model": model, "keep_alive": keep_alive}).encode()
-        answer = upstream.send("POST", load_path, headers, load)
+        body = json.dumps({"model": model, "keep_alive": keep_alive}, allow_nan=False).encode()  # JSON, never Infinity
+        answer = upstream.send("POST", load_path, headers, body)
         _ = answer.content  # read it all, so that the connection goes back to the pool
     except requests.RequestException:
         return True  # the request itself will meet the same problem and report it
@@ -456,7 +456,7 @@ class Upstream:
         request.url = self.base + target
         request.path_url = target
         request.headers = requests.structures.CaseInsensitiveDict(headers)
-        if body is not None:
+        if body is not None:  # bytes, or a spooled body (edgegate_spool.Spool), sent a block at a time
             request.headers["Content-Length"] = str(len(body))
         request.body = body
         request.hooks = {"response": []}

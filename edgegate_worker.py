@@ -12,8 +12,9 @@ So THREADS clients that send their head or body one byte a second, or that
 connect and say nothing, take every thread, and /healthz, /api/tags and
 chats time out behind them. This worker does what nginx does in front of an
 application: the main thread reads each request, head and body, from
-non-blocking sockets into a buffer, and a thread is taken only for a request
-that has fully arrived. The thread then runs gunicorn's own parser and the
+non-blocking sockets into a buffer (a body past CLIENT_BODY_BUFFER_BYTES
+into a temporary file, as nginx does; README, "Large request bodies"), and
+a thread is taken only for a request that has fully arrived. The thread then runs gunicorn's own parser and the
 application as before, reading the buffered bytes.
 
 On the way it refuses, with the gateway's JSON error envelope and a closed
@@ -36,6 +37,8 @@ connection, what it can judge from the bytes alone:
                               over limit_request_field_size
     501 unsupported_transfer_coding
                               a Transfer-Encoding gunicorn does not read
+    503 body_not_stored       a body past CLIENT_BODY_BUFFER_BYTES that cannot
+                              be written to STATE_DIR/bodies (a full disk)
 
 For a head gunicorn's parser refuses, the status is gunicorn's own; only the
 answer changes: gunicorn writes an HTML page and logs no access line.
@@ -67,6 +70,7 @@ from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
+from edgegate_spool import BodyRoom, SpoolFailed, give_large_buffers_back
 
 # ================================================================ settings
 
@@ -277,26 +281,43 @@ class BufferedSource:
         self.sock = sock
         self.data = b""
         self.pos = 0
+        self.spool = None  # the body's bytes past CLIENT_BODY_BUFFER_BYTES, in a file: read after ``data``
+        self.tail = b""  # what came after the spooled bytes: read after the spool
 
-    def load(self, data):
-        self.data, self.pos = data, 0
+    def load(self, data, spool=None, split=0):
+        """The bytes of a request: ``data``, or, when part of its body was
+        spooled, ``data[:split]`` (the head), the spool, then ``data[split:]``."""
+        if self.spool is not None:
+            self.spool.close()  # its temporary file is gone with it
+        if spool is None:
+            self.data, self.pos, self.spool, self.tail = data, 0, None, b""
+        else:
+            self.data, self.pos, self.spool, self.tail = bytes(data[:split]), 0, spool.written(), bytes(data[split:])
 
     def recv(self, size):
-        if self.pos >= len(self.data):
-            raise ConnectionResetError(errno.ECONNRESET, "read past the request the worker buffered")
+        while self.pos >= len(self.data):
+            if self.spool is None:
+                raise ConnectionResetError(errno.ECONNRESET, "read past the request the worker buffered")
+            piece = self.spool.read(size)  # a read from the page cache, in the request's thread
+            if piece:
+                return piece
+            self.spool.close()
+            self.spool, self.data, self.pos, self.tail = None, self.tail, 0, b""
         with memoryview(self.data) as view:
             piece = bytes(view[self.pos:self.pos + size])
         self.pos += len(piece)
-        if self.pos >= len(self.data):
+        if self.pos >= len(self.data) and self.spool is None:
             self.load(b"")  # let a large body go as soon as it is read
         return piece
 
     def take_rest(self):
         """The buffered bytes not read yet (a pipelined next request)."""
         with memoryview(self.data) as view:
-            rest = bytes(view[self.pos:])
+            rest = [bytes(view[self.pos:])]
+        if self.spool is not None:
+            rest += [self.spool.read(), self.tail]
         self.load(b"")
-        return rest
+        return b"".join(rest)
 
     def gettimeout(self):
         return self.sock.gettimeout()
@@ -317,6 +338,10 @@ class BufferingConnection(TConn):
         self.over_limit = False  # handed on with a body over MAX_BODY_BYTES, unread
         self.linger_until = None  # closing: our FIN is sent, the client's awaited until then
         self.drained = 0  # bytes read and dropped while lingering
+
+    def close(self):
+        self.source.load(b"")  # a spooled body not read to its end: its file goes now
+        super().close()
 
 
 # ================================================================ following a chunked body
@@ -456,6 +481,11 @@ class ArrivingRequest:
         self.length = 0  # Content-Length, when not chunked
         self.chunked = None  # a ChunkedBody, when chunked
         self.chunked_pos = 0
+        self.spool = None  # body bytes past CLIENT_BODY_BUFFER_BYTES (edgegate_spool.Spool), in a file
+        self.spooled = 0  # how many: in ``data`` the body goes on from ``body_start`` after them
+
+    def body_received(self):
+        return self.spooled + len(self.data) - self.body_start
 
     def description(self):
         """(method, uri, version) for the access log, as far as known."""
@@ -513,6 +543,30 @@ class HeadJudging:
         limit = self.head_sizes.line
         return limit is not None and len(data) > limit + 4 and data.find(b"\r\n", 0, limit + 4) < 0
 
+    def spool_body(self, arriving, end):
+        """Keep at most CLIENT_BODY_BUFFER_BYTES of a body in memory: past
+        that, its bytes up to ``end`` (those of this request, and for a
+        chunked body those already followed) go to a temporary file in
+        STATE_DIR, as nginx does past client_body_buffer_size (README,
+        "Large request bodies"). The write lands in the page cache: it does
+        not stall the poller as a slow client would."""
+        start = arriving.body_start
+        if end - start <= self.bodies.in_memory:
+            return
+        try:
+            if arriving.spool is None:
+                arriving.spool = self.bodies.spool(in_memory=1)
+            with memoryview(arriving.data) as view:
+                arriving.spool.write(view[start:end])
+        except SpoolFailed as error:  # a full disk: this request is answered, the worker goes on
+            self.log.error("%s", error)
+            raise Refusal(503, "body_not_stored", "the gateway could not store the request body; retry later",
+                          headers=[("Retry-After", "5")])
+        del arriving.data[start:end]
+        arriving.spooled += end - start
+        if arriving.chunked is not None:
+            arriving.chunked_pos -= end - start
+
     def parse_head(self, arriving, head):
         """gunicorn's own Request for the head, so that where this worker
         thinks the body ends is where gunicorn will: no two readings of
@@ -553,9 +607,12 @@ class HeadJudging:
             if arriving.length > limit:
                 conn.over_limit = True  # the application refuses it by its Content-Length alone
                 return True
-            complete = len(arriving.data) - arriving.body_start >= arriving.length
+            self.spool_body(arriving, min(len(arriving.data),
+                                          arriving.body_start + arriving.length - arriving.spooled))
+            complete = arriving.body_received() >= arriving.length
         else:
             arriving.chunked_pos = arriving.chunked.follow(arriving.data, arriving.chunked_pos)
+            self.spool_body(arriving, arriving.chunked_pos)
             if arriving.chunked.decoded >= limit + OVER_LIMIT_MARGIN:
                 conn.over_limit = True  # the application reads limit + 1 bytes, all here, and refuses
                 return True
@@ -673,7 +730,7 @@ class Answering:
         it must not go upstream as if complete, so it is refused (the
         client may have only half-closed, and can read the answer)."""
         if arriving.phase == "body" and can_answer:
-            received = len(arriving.data) - arriving.body_start
+            received = arriving.body_received()
             expected = "of %d " % arriving.length if arriving.chunked is None else ""
             self.refuse(arriving.conn, arriving, Refusal(
                 400, "invalid_request", "the request body ended after %d %sbytes" % (received, expected)))
@@ -682,6 +739,9 @@ class Answering:
             self.close(arriving.conn)
 
     def forget(self, arriving):
+        spool, arriving.spool = arriving.spool, None
+        if spool is not None:
+            spool.close()  # a refused or abandoned body: its file goes now
         self.arriving.pop(arriving.conn.sock, None)
         try:
             self.poller.unregister(arriving.conn.sock)
@@ -754,6 +814,8 @@ class BufferingWorker(HeadJudging, Answering, ThreadWorker):
         # (gunicorn/http/message.py, Request._parse_python); past it, it answers 431 or 414.
         self.head_sizes = head_sizes(self.cfg)
         self.head_limit = self.head_sizes.header_section + (self.head_sizes.line or MAX_REQUEST_LINE) + 4
+        self.bodies = BodyRoom(self.edgegate)  # where a body past CLIENT_BODY_BUFFER_BYTES is spooled
+        give_large_buffers_back()  # a large body's buffers are freed to the system, not kept per thread
         super().init_process()
 
     # -- a new connection
@@ -828,10 +890,11 @@ class BufferingWorker(HeadJudging, Answering, ThreadWorker):
     def hand_on(self, arriving):
         """The request is in: give the connection to a thread, its bytes first."""
         conn = arriving.conn
+        spool, arriving.spool = arriving.spool, None  # the source owns it now, and closes it
         self.forget(arriving)
         if conn.parser is None:
             conn.parser = RequestParser(self.cfg, conn.source, conn.client)
-        conn.source.load(arriving.data)
+        conn.source.load(arriving.data, spool, arriving.body_start)
         conn.data_ready = True  # skip gthread's own wait for a first byte (ThreadWorker.handle)
         self.enqueue_req(conn)
 

@@ -50,6 +50,7 @@ import requests
 
 import status
 from edgegate_body import read_request
+from edgegate_spool import BodyRoom
 from edgegate_cloud import cloud_forward
 from edgegate_config import KEY_NAME_RE, load_config
 from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
@@ -85,6 +86,7 @@ class Gateway:
         self.slots = GpuSlots(config.gpu_lock_dir, config.gpu_slots,
                               self.upstreams.choice.choose if self.upstreams.several else None)
         self.retry_after = [("Retry-After", str(config.retry_after_s))]
+        self.bodies = BodyRoom(config)  # where request bodies are kept, and the budget for parsing them
         self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
                               config.upstream_retries)
         self.metrics = Metrics(None, self.slots, enabled=False)  # until this process has started its own
@@ -196,7 +198,8 @@ def proxy(gateway, exchange):
     exchange.task_id = task_id_of(exchange.environ)
     check_path_spelling(exchange.path)
     try:  # read before the claim, so that the task's first document names the model
-        request = read_request(gateway.config, exchange.environ, exchange.path, exchange.method, exchange.key)
+        request = exchange.request = read_request(gateway.config, gateway.bodies, exchange.environ, exchange.path,
+                                                  exchange.method, exchange.key)
         refusal = None
     except GatewayError as error:
         request, refusal = None, error
@@ -208,6 +211,7 @@ def proxy(gateway, exchange):
         take_slot(gateway, exchange)
     if request.to_cloud:
         forward = cloud_forward(gateway.config, gateway.cloud, exchange.environ, request)
+        request.let_go_of_document()  # its body is built: the whole document is no longer needed
     else:
         forward = ollama_forward(gateway, exchange, request)
     exchange.forwarding(forward)
@@ -564,6 +568,7 @@ class Exchange:
         self.task = None  # its task, once claimed: only then does the ending write its state
         self.slot = None
         self.call = UpstreamCall()
+        self.request = None  # what it asked for (edgegate_body.ProxiedRequest): its body, maybe spooled to a file
         self.response = None  # the upstream's response
         # What its access line and metrics tell.
         self.upstream, self.provider = None, "ollama"  # where it was forwarded; who answers, named in errors
@@ -663,6 +668,7 @@ class Exchange:
         try:
             self._quietly(self._let_go_of_upstream)  # each step runs whatever the one before it did
             self._quietly(self._free_slot)
+            self._quietly(self._let_go_of_body)
         finally:
             if self.task is not None:
                 self.gateway.watcher.unwatch(self)
@@ -679,6 +685,11 @@ class Exchange:
     def _let_go_of_upstream(self):
         response, self.response = self.response, None
         self.call.let_go(response)
+
+    def _let_go_of_body(self):
+        request, self.request = self.request, None
+        if request is not None:
+            request.close()  # its spool file, if it had one, is deleted now
 
     def _free_slot(self):
         slot, self.slot = self.slot, None
