@@ -117,7 +117,7 @@ def test_a_lock_directory_too_long_for_the_queue_sockets_stops_the_start(tmp_pat
     fits = str(tmp_path) + "/" + "x" * (fits_len - len(str(tmp_path)) - 1)
     assert len(fits) == fits_len
     assert Config.from_environ({"STATE_DIR": str(tmp_path), "GPU_LOCK_DIR": fits}).gpu_lock_dir == fits
-    os.makedirs(os.path.join(fits, "queue"))
+    assert os.path.isdir(os.path.join(fits, "queue"))  # made at start, the user's alone
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waiter:  # the kernel takes the longest name
         waiter.bind(os.path.join(fits, "queue", "%020d.sock" % 0))
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waiter, pytest.raises(OSError):  # and no longer
