@@ -136,7 +136,8 @@ def test_show_reads_model_then_name_as_ollama_does(gw, stub, body):
 
 
 def test_show_body_that_go_would_read_differently_is_refused(gw, stub):
-    answer = gw.post("/api/show", data=b'{"model": "kimi-k2:cloud"} trailing', headers={"Content-Type": "application/json"})
+    answer = gw.post("/api/show", data=b'{"model": "kimi-k2:cloud"} trailing',
+                     headers={"Content-Type": "application/json"})
     assert answer.status_code == 400 and gateway_error(answer)["code"] == "invalid_json"
     assert stub.received == []
 
