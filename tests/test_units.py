@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 import edgegate_cloud  # noqa: E402
 import gateway  # noqa: E402
+from edgegate_body import ollama_runs_in_cloud  # noqa: E402
 from edgegate_config import Config, ConfigError, keep_alive_seconds  # noqa: E402
 from edgegate_relay import token_counts  # noqa: E402
 from edgegate_upstream import ModelLifetimes  # noqa: E402
@@ -33,6 +34,17 @@ def call(app, path, method="GET", body=b"", headers=None):
     body = b"".join(result)
     result.close()
     return seen["status"], seen["headers"], body
+
+
+@pytest.mark.parametrize("model,cloud", [
+    # internal/modelref/modelref.go parseSourceSuffix, case by case
+    ("kimi-k2:cloud", True), ("gpt-oss:20b:cloud", True), ("foo: CLOUD ", True), ("foo:8b-cloud", True),
+    ("foo:8b-Cloud", True), ("foo:-cloud", True), ("\u00a0foo:cloud\u3000", True),
+    ("foo-cloud", False), ("foo", False), ("foo:local", False), ("x:cloud:local", False),
+    ("host:5000/foo-cloud", False), ("host:5000/ns/m:cloud", True), ("foo:8b/x-cloud", False), (None, False),
+])
+def test_what_ollama_runs_in_the_cloud_follows_its_own_rule(model, cloud):
+    assert ollama_runs_in_cloud(model) is cloud
 
 
 @pytest.fixture(scope="module")
