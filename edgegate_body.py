@@ -37,7 +37,7 @@ EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
 # model-recommendations, and each calls ollama.com: server/routes.go).
 MANAGEMENT_PATHS = frozenset({
     "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
-    "/api/me", "/api/signout", "/api/experimental",
+    "/api/me", "/api/signout", "/api/experimental", "/api/blobs",
 })
 MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys", "/api/experimental/")
 # What the gateway refuses as an Ollama cloud model unless ALLOW_OLLAMA_CLOUD=1

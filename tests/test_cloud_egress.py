@@ -285,3 +285,10 @@ def test_every_experimental_route_is_refused_like_the_account_routes(gw, stub, m
     assert "ALLOW_MANAGEMENT" in refused(answer, "management_disabled")
     logged_once(gw, task_id, 403)
     assert stub.received == []
+
+
+@pytest.mark.parametrize("path", ["/api/blobs/", "/api/pull/", "/api/user/keys/"])
+def test_management_routes_with_a_trailing_slash_are_still_refused(gw, stub, path):
+    answer = gw.post(path, json={"model": "llama3.2"})
+    assert "ALLOW_MANAGEMENT" in refused(answer, "management_disabled")
+    assert stub.received == []
