@@ -257,8 +257,9 @@ return 1
     def tidy(self):
         """The first release's bookkeeping keys, if still there, are moved to
         ``<prefix>_first_release_<name>`` (no task id can start with "_"), so
-        that ``index`` and ``cancels`` are task ids like any other."""
-        for name in self.FIRST_RELEASE_KEYS:
+        that ``index`` and ``cancels`` are task ids like any other. With an
+        empty STATUS_PREFIX those names may be another program's: left alone."""
+        for name in self.FIRST_RELEASE_KEYS if self.prefix else ():
             old = self.prefix + name
             if self.client.type(old) in (b"none", b"string"):
                 continue
