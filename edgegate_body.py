@@ -179,27 +179,30 @@ def refuse_cloud_show(config, raw):
 def form_models(environ, body):
     """The models a multipart request (a transcription) names, in the order
     Ollama reads them (Go's ``FormValue``: the query string first, then the
-    form; it runs the first), without changing the body, which goes
-    upstream as it came. A part is read as Go's mime/multipart reads it:
-    its raw bytes, whatever its ``charset``; only a quoted-printable
-    Content-Transfer-Encoding is decoded (multipart.go, newPart). Every part
-    named ``model`` is returned, a file's too, so none goes unchecked; a
-    part that is itself a multipart or a message is refused."""
+    form's values; it runs the first), without changing the body, which
+    goes upstream as it came. A part is read as Go's mime/multipart reads
+    it: its raw bytes, whatever its ``charset``; only a quoted-printable
+    Content-Transfer-Encoding is decoded (multipart.go, newPart). A part
+    with a filename is a file to Go, never the model; such parts named
+    ``model`` come last, so that they are checked too but never taken for
+    the model Ollama runs. A part that is itself a multipart or a message
+    is refused."""
     query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("model", [])
     try:
         message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
             b"Content-Type: " + environ.get("CONTENT_TYPE", "").encode("latin-1") + b"\r\n\r\n" + body)
         parts = message.get_payload() if message.is_multipart() else []
-        form = [model for model in (_form_model(part) for part in parts) if model is not None]
+        named = [model for model in (_form_model(part) for part in parts) if model is not None]
     except GatewayError:
         raise
     except Exception as error:  # the email package's errors on a form it cannot take apart
         raise GatewayError(400, "invalid_request", "the multipart form cannot be read: %s" % short_message(error))
+    form = [raw for raw, is_file in named if not is_file] + [raw for raw, is_file in named if is_file]
     return [m.strip() for m in query] + [m.decode("utf-8", "replace").strip() for m in form]
 
 
 def _form_model(part):
-    """A form part's raw value if it is named ``model``, else None."""
+    """(raw value, whether Go takes it for a file) of a part named ``model``, else None."""
     if part.is_multipart() or part.get_content_maintype() in ("multipart", "message"):
         raise GatewayError(400, "invalid_request", "a form part must not be a multipart or a message "
                            "(Ollama does not read nested parts)")
@@ -210,7 +213,7 @@ def _form_model(part):
     raw = raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
     if part.get("content-transfer-encoding", "").strip().lower() == "quoted-printable":
         raw = quopri.decodestring(raw)
-    return raw
+    return raw, bool(part.get_filename())
 
 
 def read_body(environ, limit):

@@ -292,3 +292,17 @@ def test_management_routes_with_a_trailing_slash_are_still_refused(gw, stub, pat
     answer = gw.post(path, json={"model": "llama3.2"})
     assert "ALLOW_MANAGEMENT" in refused(answer, "management_disabled")
     assert stub.received == []
+
+
+def test_a_file_part_named_model_is_not_taken_for_the_model_ollama_runs(gw, stub):
+    """Go's FormValue skips a part with a filename: the value part after it
+    is the model Ollama runs, and that is the one asked about."""
+    name = fresh()
+    stub.remote[name + ":latest"] = ("https://ollama.com:443", "gpt-oss:120b")
+    body = ("--b\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.txt\"\r\n\r\nllama3.2\r\n"
+            "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n%s\r\n"
+            "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--b--\r\n"
+            % name).encode()
+    answer = gw.post("/v1/audio/transcriptions", data=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert "remote" in refused(answer, "cloud_model_disabled")
+    assert stub.received == []
