@@ -6,6 +6,7 @@ transcription form read as Ollama's Go reads it, a trailing slash, the
 line, and the stub (Ollama) receives nothing; with cloud allowed the slot goes
 by Ollama's own rule of what runs in the cloud."""
 
+import time
 import uuid
 
 import anthropic
@@ -306,3 +307,23 @@ def test_a_file_part_named_model_is_not_taken_for_the_model_ollama_runs(gw, stub
     answer = gw.post("/v1/audio/transcriptions", data=body, headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert "remote" in refused(answer, "cloud_model_disabled")
     assert stub.received == []
+
+
+def test_a_known_local_model_is_looked_at_again_in_the_background_never_on_the_way(stub, monkeypatch):
+    """Once its answer is older than FRESH_S a local model is still let
+    through at once, and asked about again beside the request; if it now
+    stands for a remote model, the next request is refused."""
+    from edgegate_remote import RemoteModels
+    from edgegate_upstream import Upstream
+    monkeypatch.setattr(RemoteModels, "FRESH_S", 0.2)
+    upstream, remote_models, name = Upstream(stub.url, 2.0, 5.0, 0), RemoteModels(), fresh()
+    assert remote_models.is_remote(upstream, name) is False and len(stub.model_checks) == 1
+    assert remote_models.is_remote(upstream, name) is False and len(stub.model_checks) == 1  # fresh: not asked
+    stub.remote[name + ":latest"] = ("https://ollama.com:443", "gpt-oss:120b")  # ollama cp over it
+    time.sleep(0.3)  # the answer goes stale
+    stub.defaults = {"delay": "1"}  # a slow Ollama: the look must not be on the request's way
+    started = time.monotonic()
+    assert remote_models.is_remote(upstream, name) is False  # answered from what is known
+    assert time.monotonic() - started < 0.5
+    assert wait_until(lambda: len(stub.model_checks) == 2, 3)
+    assert wait_until(lambda: remote_models.is_remote(upstream, name), 3)
