@@ -94,17 +94,30 @@ def test_lock_and_queue_directories_are_the_gateway_users_alone(stub_server, stu
         shutil.rmtree(process.state_dir, ignore_errors=True)
 
 
-def test_a_ticket_that_does_not_parse_is_ignored_and_removed_never_waited_behind(start_gateway, stub):
-    gateway = start_gateway(WORKERS="1", SLOT_WAIT_S="3")
-    queue = os.path.join(gateway.state_dir, "locks", "queue")
+@pytest.fixture(scope="module")
+def line_gateway(start_gateway):
+    return start_gateway(WORKERS="1", SLOT_WAIT_S="3")
+
+
+@pytest.mark.parametrize("content,owner,logged", [
+    (b"\x00not a ticket", None, "does not parse"),
+    (b'{"task_id": "first", "key": "mallory"}', 65534, "did not write"),  # another user's file
+])
+def test_a_ticket_this_gateway_did_not_write_is_removed_never_waited_behind(line_gateway, stub, content, owner,
+                                                                             logged):
+    if owner is not None and os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    queue = os.path.join(line_gateway.state_dir, "locks", "queue")
     planted = os.path.join(queue, "%020d.ticket" % 1)  # sorts before any real ticket
     fd = os.open(planted, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        os.write(fd, b"\x00not a ticket")
+        os.write(fd, content)
+        if owner is not None:
+            os.fchown(fd, owner, owner)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held: it would count as a live waiter
-        answer = gateway.post("/api/chat", json=CHAT, timeout=10)
+        answer = line_gateway.post("/api/chat", json=CHAT, timeout=10)
         assert answer.status_code == 200, answer.text  # served at once, not 503 after SLOT_WAIT_S
         assert not os.path.exists(planted)
-        assert wait_until(lambda: "does not parse" in gateway.read_log(), 3)
+        assert wait_until(lambda: logged in line_gateway.read_log(), 3)
     finally:
         os.close(fd)
