@@ -11,8 +11,10 @@ It returns a ``ProxiedRequest``: values only, nothing to release.
 import dataclasses
 import email.parser
 import email.policy
+import email.utils
 import json
 import math
+import quopri
 import re
 import urllib.parse
 import zlib
@@ -31,18 +33,25 @@ INFERENCE_ROUTES = {
 }
 EMBEDDING_PATHS = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
 # Routes that change the box's models, or act for (and spend) the box
-# owner's ollama.com account: refused unless ALLOW_MANAGEMENT=1.
+# owner's ollama.com account: refused unless ALLOW_MANAGEMENT=1. Every route
+# under /api/experimental/ is one (Ollama's are web_search, web_fetch and
+# model-recommendations, and each calls ollama.com: server/routes.go).
 MANAGEMENT_PATHS = frozenset({
     "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
-    "/api/me", "/api/signout", "/api/experimental/web_search", "/api/experimental/web_fetch",
+    "/api/me", "/api/signout", "/api/experimental", "/api/blobs",
 })
-MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys")
-# Ollama runs a model named like this on ollama.com, on the owner's account
-# (internal/modelref, parseSourceSuffix: the text after the last ":",
-# trimmed, is "cloud" or ends in "-cloud"); a name ending "-cloud" is refused too.
-OLLAMA_CLOUD_MODEL_RE = re.compile(r"(?:[-:]\s*cloud|:[^:/]*-cloud)\s*$", re.IGNORECASE)
-
-
+MANAGEMENT_PREFIXES = ("/api/blobs/", "/api/user/keys", "/api/experimental/")
+# What the gateway refuses as an Ollama cloud model unless ALLOW_OLLAMA_CLOUD=1
+# (README, "Ollama cloud models"): Ollama's own rule (``ollama_runs_in_cloud``)
+# and, to be safe, a name without a tag that ends in "-cloud" too.
+OLLAMA_CLOUD_MODEL_RE = re.compile(r"(?:[-:]\s*cloud|:[^:/]*-cloud)\s*\Z", re.IGNORECASE)
+# Tools that make Ollama search the web on ollama.com with the box's key, for
+# local models too (README, "Ollama cloud models"): on /v1/messages any tool
+# type that starts with "web_search" (middleware/anthropic.go hasWebSearchTool;
+# server/cloud_proxy.go trims it first), on /v1/responses the type
+# "web_search" (openai/responses.go isWebSearchTool).
+WEB_SEARCH_TOOLS = {"/v1/messages": lambda kind: kind.startswith("web_search"),
+                    "/v1/responses": lambda kind: kind == "web_search"}
 @dataclasses.dataclass
 class ProxiedRequest:
     """What the client asked for, checked: the body to send upstream (a
@@ -82,10 +91,9 @@ class ProxiedRequest:
 
     @property
     def on_gpu(self):
-        """Runs on this box's GPU: not the cloud route, not an Ollama cloud model."""
+        """Runs on this box's GPU: not the cloud route, not what Ollama runs on ollama.com."""
         model = self.document.get("model") if self.inference else None
-        return self.inference and not self.to_cloud and not (
-            isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model))
+        return self.inference and not self.to_cloud and not ollama_runs_in_cloud(model)
 
 
 def read_request(config, room, environ, path, method, key):
@@ -101,12 +109,16 @@ def read_request(config, room, environ, path, method, key):
         if key is not None and not key.admin:
             raise GatewayError(403, "management_disabled", "%s needs an admin key (GATEWAY_API_KEYS, "
                                "a line 'KEY NAME admin' in the key file)" % path)
+    if path.startswith("/v1/models/") and method in ("GET", "HEAD"):  # Ollama asks ollama.com about a cloud model
+        refuse_ollama_cloud(config, path[len("/v1/models/"):].strip())
     request = None
     try:
         body, decoded = decoded_body(environ, read_body(environ, config.max_body_bytes, room),
                                      config.max_body_bytes, room)
         request = ProxiedRequest(path, method, body, decoded=decoded)
         kind = INFERENCE_ROUTES.get(path) if method == "POST" else None
+        if path == "/api/show" and method == "POST":
+            refuse_cloud_show(config, room, body)
         if kind is not None:
             read_document(config, room, environ, request, kind)
     except BaseException as error:
@@ -134,6 +146,7 @@ def read_document(config, room, environ, request, kind):
         else:
             document = parse_json_object(request.body)
             changed, replaced = ({}, []) if is_cloud_model(document) else adjust_body(request.path, document, config)
+            refuse_web_search(config, request.path, document)
         refuse_ollama_cloud(config, document.get("model"))
         request.model = document.get("model")
         request.stream = bool(document.get("stream", request.path.startswith("/api/")
@@ -211,24 +224,104 @@ def is_cloud_model(document):
     return isinstance(model, str) and model.startswith(CLOUD_PREFIX)
 
 
+def ollama_runs_in_cloud(model):
+    """Whether Ollama sends ``model`` to ollama.com, by its own rule
+    (internal/modelref/modelref.go, parseSourceSuffix): the text after the
+    last ":", trimmed and lower-cased, is "cloud", or ends in "-cloud" and
+    has no "/"; ":local" forces local. So "foo-cloud" (no tag) is a local
+    model to Ollama, and takes the GPU slot like one."""
+    if not isinstance(model, str) or ":" not in model:
+        return False
+    suffix = model.strip().rpartition(":")[2].strip()
+    return suffix.lower() == "cloud" or ("/" not in suffix and suffix.lower().endswith("-cloud"))
+
+
 def refuse_ollama_cloud(config, model):
-    if isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model) and not config.allow_ollama_cloud:
+    if isinstance(model, str) and not config.allow_ollama_cloud and (
+            OLLAMA_CLOUD_MODEL_RE.search(model) or ollama_runs_in_cloud(model)):
         raise GatewayError(403, "cloud_model_disabled",
                            "%s is an Ollama cloud model, run by ollama.com on this box owner's account; "
                            "it is disabled on this gateway (set ALLOW_OLLAMA_CLOUD=1 to allow it)" % printable(model))
 
 
+def keys_read_as(document, name):
+    """The values of every key of ``document`` that Go's encoding/json would
+    read as the field ``name``: it matches keys without regard to case
+    (Unicode simple folding: "Tools", "TOOLS", "toolſ"), the last one wins.
+    All of them are returned, so that none goes unchecked."""
+    return [value for key, value in document.items() if key.casefold() == name]
+
+
+def refuse_web_search(config, path, document):
+    """README, "Ollama cloud models": a web search tool makes Ollama itself
+    search on ollama.com with the box's key, whatever the model."""
+    wanted = WEB_SEARCH_TOOLS.get(path)
+    if wanted is None or config.allow_ollama_cloud or is_cloud_model(document):
+        return
+    for tools in keys_read_as(document, "tools"):
+        for tool in tools if isinstance(tools, list) else []:
+            kinds = keys_read_as(tool, "type") if isinstance(tool, dict) else []
+            if any(isinstance(kind, str) and wanted(kind.strip()) for kind in kinds):
+                raise GatewayError(403, "cloud_tool_disabled",
+                                   "the web search tool is run by ollama.com on this box owner's account; it is "
+                                   "disabled on this gateway (set ALLOW_OLLAMA_CLOUD=1 to allow it)")
+
+
+def refuse_cloud_show(config, room, body):
+    """POST /api/show of a cloud model makes Ollama ask ollama.com; it reads
+    ``model``, or ``name`` when model is empty (server/routes.go ShowHandler).
+    A body the gateway cannot read as Ollama does is refused."""
+    if config.allow_ollama_cloud:
+        return
+    share = take_share(room, body, "json")
+    try:
+        document = parse_json_object(body)
+    finally:
+        body.written()  # read again from its start when it is sent
+        if share is not None:
+            share.release()
+    for model in keys_read_as(document, "model") + keys_read_as(document, "name"):
+        refuse_ollama_cloud(config, model)
+
+
 def form_models(environ, body):
     """The models a multipart request (a transcription) names, in the order
     Ollama reads them (Go's ``FormValue``: the query string first, then the
-    form; it runs the first), without changing the body, which goes
-    upstream as it came."""
+    form's values; it runs the first), without changing the body, which
+    goes upstream as it came. A part is read as Go's mime/multipart reads
+    it: its raw bytes, whatever its ``charset``; only a quoted-printable
+    Content-Transfer-Encoding is decoded (multipart.go, newPart). A part
+    with a filename is a file to Go, never the model; such parts named
+    ``model`` come last, so that they are checked too but never taken for
+    the model Ollama runs. A part that is itself a multipart or a message
+    is refused."""
     query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True).get("model", [])
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + environ.get("CONTENT_TYPE", "").encode("latin-1") + b"\r\n\r\n" + body)
-    form = [part.get_content() for part in (message.iter_parts() if message.is_multipart() else [])
-            if part.get_param("name", header="content-disposition") == "model"]
-    return [(m if isinstance(m, str) else m.decode("utf-8", "replace")).strip() for m in query + form]
+    try:
+        message = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(
+            b"Content-Type: " + environ.get("CONTENT_TYPE", "").encode("latin-1") + b"\r\n\r\n" + body)
+        parts = message.get_payload() if message.is_multipart() else []
+        named = [model for model in (_form_model(part) for part in parts) if model is not None]
+    except GatewayError:
+        raise
+    except Exception as error:  # the email package's errors on a form it cannot take apart
+        raise GatewayError(400, "invalid_request", "the multipart form cannot be read: %s" % short_message(error))
+    form = [raw for raw, is_file in named if not is_file] + [raw for raw, is_file in named if is_file]
+    return [m.strip() for m in query] + [m.decode("utf-8", "replace").strip() for m in form]
+
+
+def _form_model(part):
+    """(raw value, whether Go takes it for a file) of a part named ``model``, else None."""
+    if part.is_multipart() or part.get_content_maintype() in ("multipart", "message"):
+        raise GatewayError(400, "invalid_request", "a form part must not be a multipart or a message "
+                           "(Ollama does not read nested parts)")
+    name = part.get_param("name", header="content-disposition")
+    if name is None or email.utils.collapse_rfc2231_value(name) != "model":
+        return None
+    raw = part.get_payload(decode=False)
+    raw = raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
+    if part.get("content-transfer-encoding", "").strip().lower() == "quoted-printable":
+        raw = quopri.decodestring(raw)
+    return raw, bool(part.get_filename())
 
 
 def read_body(environ, limit, room):

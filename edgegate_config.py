@@ -94,52 +94,75 @@ def _gpu_slots(env, upstream_bases):
 @dataclasses.dataclass(frozen=True)
 class ApiKey:
     """One key of GATEWAY_API_KEYS: its secret, the name that stands for it
-    in task documents, the access log and metrics, and whether it is admin."""
+    in task documents, the access log and metrics, and its role: ``admin``
+    (every task, management routes, /metrics), ``metrics`` (a scraper's
+    token: /metrics and /readyz, nothing else) or none."""
 
     secret: bytes = dataclasses.field(repr=False)
     name: str
     admin: bool
+    scraper: bool = False
 
 
-KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a whole value: always fullmatch
+KEY_ROLES = ("", "admin", "metrics")
 
 
 def _api_keys(env):
-    """``key1,key2`` (bare keys), or ``@/path/file`` with one ``KEY [NAME [admin]]``
-    a line. A bare key is named by a short fingerprint of it and is not admin."""
+    """``key1,key2`` (bare keys), or ``@/path/file`` with one ``KEY [NAME [ROLE]]``
+    a line. A bare key is named by a short fingerprint of it and has no role.
+    Whatever could start the gateway open, or with a key other than the one
+    meant, stops the start: a value with no key in it, a key twice."""
     raw = _text(env, "GATEWAY_API_KEYS")
     if raw.startswith("@"):
-        try:
-            with open(raw[1:], encoding="utf-8") as f:
-                lines = [line.split() for line in f.read().splitlines() if line.strip() and not line.startswith("#")]
-        except OSError as e:
-            raise ConfigError("GATEWAY_API_KEYS=%r: cannot read the key file (%s)" % (raw, e.strerror))
-        if not lines:
-            raise ConfigError("GATEWAY_API_KEYS=%r: the key file holds no key" % raw)
+        lines = _key_file_lines(raw)
     else:
-        lines = [[k.strip()] for k in raw.split(",") if k.strip()]
-    keys = []
-    for number, fields in enumerate(lines, 1):
+        lines = [(n, [k.strip()]) for n, k in enumerate(raw.split(","), 1) if k.strip()]
+        if env.get("GATEWAY_API_KEYS") and not lines:  # "," or " ": set, yet no key -- never start open
+            raise ConfigError("GATEWAY_API_KEYS=%r: no key in it; leave it unset to run without keys" % raw)
+    keys, lines_of = [], {}
+    for number, fields in lines:
         secret = fields[0]
         name = fields[1] if len(fields) > 1 else "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
         role = fields[2] if len(fields) > 2 else ""
-        if not KEY_NAME_RE.match(name) or role not in ("", "admin") or len(fields) > 3:
-            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: expected KEY [NAME [admin]], NAME of letters, "
+        if not KEY_NAME_RE.fullmatch(name) or role not in KEY_ROLES or len(fields) > 3:
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: expected KEY [NAME [admin|metrics]], NAME of letters, "
                               "digits, '.', '_' or '-'" % (raw, number))
-        keys.append(ApiKey(secret.encode(), name, role == "admin"))
+        if secret in lines_of:
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: the same key as line %d; give each key one line"
+                              % (raw, number, lines_of[secret]))
+        lines_of[secret] = number
+        keys.append(ApiKey(secret.encode(), name, role == "admin", role == "metrics"))
     if len({k.name for k in keys}) != len(keys):
         raise ConfigError("GATEWAY_API_KEYS=%r: two keys have the same name" % raw)
     return tuple(keys)
 
 
-KEEP_ALIVE_RE = re.compile(r"^-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?$|^(-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+def _key_file_lines(raw):
+    """[(line number, fields)] of a key file: blank lines and comments
+    (``#`` after any indentation) left out. UTF-8 only."""
+    try:
+        with open(raw[1:], encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("GATEWAY_API_KEYS=%r: cannot read the key file (%s)" % (raw, e.strerror))
+    except UnicodeDecodeError as e:
+        raise ConfigError("GATEWAY_API_KEYS=%r: the key file is not UTF-8 text (byte %d)" % (raw, e.start))
+    lines = [(n, line.split()) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise ConfigError("GATEWAY_API_KEYS=%r: the key file holds no key" % raw)
+    return lines
+
+
+KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?|(-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")  # fullmatch
 
 
 def _keep_alive_default(env):
     raw = _text(env, "KEEP_ALIVE_DEFAULT", "30s")
     if raw == "":
         return ""
-    if not KEEP_ALIVE_RE.match(raw):
+    if not KEEP_ALIVE_RE.fullmatch(raw):
         raise ConfigError("KEEP_ALIVE_DEFAULT=%r: expected an Ollama duration such as 30s, 5m, 1h or -1" % raw)
     if keep_alive_seconds(raw) == 0:
         raise ConfigError("KEEP_ALIVE_DEFAULT=%r: 0 would unload the model after every request; "
@@ -181,12 +204,24 @@ UNIX_SOCKET_PATH_MAX = 107  # bytes of sun_path on Linux, less its closing NUL (
 
 def _lock_directory(env, state_dir):
     """GPU_LOCK_DIR, short enough for the GPU line's unix sockets, which live
-    in it as ``queue/<20 digits>.sock`` (README, "Sharing the GPU slot")."""
+    in it as ``queue/<20 digits>.sock`` (README, "Sharing the GPU slot"), and
+    the gateway user's alone: the slots' holder records and the queue's
+    tickets name tasks, models and keys, and a ticket another user could
+    write would jump the line. Made (or made again) 0700, with its queue."""
     path = _directory(env, "GPU_LOCK_DIR", os.path.join(state_dir, "locks"))
     longest = len(os.fsencode(os.path.join(path, "queue", "%020d.sock" % 0)))
     if longest > UNIX_SOCKET_PATH_MAX:
         raise ConfigError("GPU_LOCK_DIR=%r: too long for the GPU queue's unix sockets (%d bytes with their names; "
                           "at most %d): set a shorter GPU_LOCK_DIR or STATE_DIR" % (path, longest, UNIX_SOCKET_PATH_MAX))
+    for directory in (path, os.path.join(path, "queue")):
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if os.stat(directory).st_uid != os.geteuid():
+                raise ConfigError("GPU_LOCK_DIR=%r: %s belongs to another user; it must be this user's alone "
+                                  "(README, \"Sharing the GPU slot\")" % (path, directory))
+            os.chmod(directory, 0o700)
+        except OSError as e:
+            raise ConfigError("GPU_LOCK_DIR=%r: cannot make %s this user's alone (%s)" % (path, directory, e.strerror))
     return path
 
 

@@ -113,7 +113,7 @@ class GpuSlots:
                 return kept.pop()
             except IndexError:  # another thread took the last one
                 pass
-        return os.open(self.paths[index], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return os.open(self.paths[index], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def _keep(self, index, fd):
         kept = self._kept.setdefault(index, [])
@@ -278,8 +278,8 @@ class SlotLine:
 
     @contextlib.contextmanager
     def _locked(self):
-        os.makedirs(self.dir, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -374,27 +374,26 @@ class SlotLine:
 
     def _live(self, reap=True):
         """[(name, place)] of the live tickets, in arrival order; dead ones
-        removed (under the lock only)."""
+        removed (under the lock only). A ticket this gateway did not write
+        -- another user's file, a name or content not its own -- is never
+        trusted: left out, and removed with the dead."""
         live = []
         for entry in sorted(os.listdir(self.dir)):
             if not entry.endswith(".ticket"):
                 continue
             name = entry[:-len(".ticket")]
             try:
-                fd = os.open(os.path.join(self.dir, entry), os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:  # its waiter holds it: alive
+                fd = os.open(os.path.join(self.dir, entry), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:  # gone, or a symlink (ELOOP): not a ticket of ours
+                place = None
+            else:
                 try:
-                    live.append((name, json.loads(os.pread(fd, 65536, 0) or b"{}")))
-                except ValueError:
-                    live.append((name, {}))
-                continue
-            finally:
-                os.close(fd)
-            if reap:
+                    place = _ticket_place(fd, name, tell=reap)
+                finally:
+                    os.close(fd)
+            if place is not None:
+                live.append((name, place))
+            elif reap:
                 _unlink(os.path.join(self.dir, name + ".ticket"), os.path.join(self.dir, name + ".sock"))
         return live
 
@@ -402,6 +401,33 @@ class SlotLine:
 def key_waits(waiting, key):
     """Whether ``key`` (a name, or None) has a request among ``waiting``."""
     return any(place.get("key") == key for _, place in waiting)
+TICKET_NAME_DIGITS = 20
+
+
+def _ticket_place(fd, name, tell):
+    """The place a live ticket holds, or None: dead (its lock can be taken),
+    or not one this gateway wrote (another user's, a name that is not its
+    clock reading, content that is not a JSON object)."""
+    if not (len(name) == TICKET_NAME_DIGITS and name.isascii() and name.isdigit()) or \
+            os.fstat(fd).st_uid != os.geteuid():
+        if tell:
+            log.warning("ignored and removed a ticket in the GPU queue that this gateway did not write: %r",
+                        name[:40])
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # its waiter is gone: dead
+    except BlockingIOError:  # its waiter holds it: alive
+        pass
+    try:
+        place = json.loads(os.pread(fd, 65536, 0))
+    except ValueError:
+        place = None
+    if not isinstance(place, dict):
+        if tell:
+            log.warning("ignored and removed a ticket in the GPU queue that does not parse: %s", name)
+        return None
+    return place
 
 
 def wait_turn(slots, ticket, holder, owner, deadline, moved, stopped):
@@ -439,7 +465,7 @@ class ServedRecord:
             return {}
         if not isinstance(served, dict):
             return {}
-        return {k: t for k, t in served.items() if isinstance(t, (int, float))}
+        return {k: t for k, t in served.items() if isinstance(t, (int, float)) and not isinstance(t, bool)}
 
     def mark(self, key):
         """``key``'s turn, now. Every request that takes a slot comes here
@@ -457,7 +483,7 @@ class ServedRecord:
         served = {k: t for k, t in served.items() if now - t < 3600}
         served[key] = now
         temporary = self.path + ".new"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, json.dumps(served).encode())
         finally:
@@ -511,7 +537,7 @@ class Ticket:
         fd = None
         try:
             sock.bind(base + ".sock")
-            fd = os.open(base + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(base + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, json.dumps(place).encode())
             os.rename(base + ".new", base + ".ticket")

@@ -57,6 +57,7 @@ from edgegate_errors import GatewayError, access_line, access_log, error_documen
 from edgegate_hold import hold_command
 from edgegate_metrics import Metrics
 from edgegate_relay import Relay, sse_error_event, stream_format
+from edgegate_remote import RemoteModels
 from edgegate_slots import GpuSlots, QueueFull, wait_turn
 from edgegate_upstream import (
     CONNECT_FAILURES, HOP_BY_HOP, Forward, Upstream, UpstreamCall, Upstreams, caused_by, forwarded_headers,
@@ -87,6 +88,7 @@ class Gateway:
                               self.upstreams.choice.choose if self.upstreams.several else None)
         self.retry_after = [("Retry-After", str(config.retry_after_s))]
         self.bodies = BodyRoom(config)  # where request bodies are kept, and the budget for parsing them
+        self.remote_models = RemoteModels()  # local names that Ollama forwards elsewhere (edgegate_remote.py)
         self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
                               config.upstream_retries)
         self.metrics = Metrics(None, self.slots, enabled=False)  # until this process has started its own
@@ -102,6 +104,7 @@ class Gateway:
                 return
             metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
             self.board = status.TaskBoard(status.open_store(self.config), on_failure=metrics.store_failed)
+            self.board.tidy()  # the first release's Redis keys (README, "Task status")
             self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
             self.metrics, self._pid = metrics, os.getpid()
 
@@ -131,6 +134,9 @@ class Gateway:
             if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
                 return proxy(self, exchange)
             exchange.key = check_api_key(self.config, exchange.environ)
+            if exchange.key is not None and exchange.key.scraper and path not in ("/metrics", "/readyz"):
+                raise GatewayError(403, "forbidden", "a metrics key (role 'metrics' in GATEWAY_API_KEYS) may read "
+                                   "/metrics and /readyz only")
             if path.startswith(("/v1/", "/api/", "//")):  # "//api/pull" is refused as a spelling, not a 404
                 return proxy(self, exchange)
             return own_route(self, exchange)
@@ -197,6 +203,7 @@ def proxy(gateway, exchange):
     let go by its ending (``Exchange.close``)."""
     exchange.task_id = task_id_of(exchange.environ)
     check_path_spelling(exchange.path)
+    exchange.path = without_trailing_slash(exchange.path)
     try:  # read before the claim, so that the task's first document names the model
         request = exchange.request = read_request(gateway.config, gateway.bodies, exchange.environ, exchange.path,
                                                   exchange.method, exchange.key)
@@ -209,6 +216,7 @@ def proxy(gateway, exchange):
         raise refusal
     if request.on_gpu:
         take_slot(gateway, exchange)
+        refuse_remote_model(gateway, exchange, request)
     if request.to_cloud:
         forward = cloud_forward(gateway.config, gateway.cloud, exchange.environ, request)
         request.let_go_of_document()  # its body is built: the whole document is no longer needed
@@ -222,7 +230,7 @@ def proxy(gateway, exchange):
     return relay_answer(gateway, exchange, forward)
 
 
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # a whole value: always fullmatch
 
 
 def task_id_of(environ):
@@ -230,7 +238,7 @@ def task_id_of(environ):
     given = environ.get("HTTP_X_TASK_ID")
     if given is None:
         return str(uuid.uuid4())
-    if not TASK_ID_RE.match(given):
+    if not TASK_ID_RE.fullmatch(given):
         raise GatewayError(400, "invalid_task_id", "X-Task-Id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
     return given
 
@@ -240,6 +248,15 @@ def check_path_spelling(path):
     path reaches a route that its plain spelling is refused."""
     if "//" in path or any(segment in (".", "..") for segment in path.split("/")):
         raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
+
+
+def without_trailing_slash(path):
+    """``/api/chat/`` is ``/api/chat``: checked, and forwarded, as the route
+    without the slash. Ollama would answer 307 to it (gin's
+    RedirectTrailingSlash), and a client following that would come back
+    anyway; a check that missed the slashed spelling would let its body
+    through unchecked."""
+    return path.rstrip("/") if len(path) > 1 else path
 
 
 # ---------------------------------------------------------------- the GPU slot
@@ -273,6 +290,26 @@ def take_slot(gateway, exchange):
     waited = exchange.slot.taken_at - exchange.started
     gateway.metrics.slot_waited(waited)
     exchange.slot_wait_ms = "%.1f" % (waited * 1000)
+
+
+def refuse_remote_model(gateway, exchange, request):
+    """README, "Ollama cloud models": a local name whose config points at
+    another server (``remote_host``) is run there by Ollama, on the box
+    owner's account; refused like a cloud name. Asked of the slot's own
+    Ollama (edgegate_remote.py), once per name for a while."""
+    model = request.document.get("model")
+    if gateway.config.allow_ollama_cloud or not isinstance(model, str) or not model.strip():
+        return
+    upstream = gateway.upstreams.of_slot(exchange.slot.index)
+    try:
+        remote = gateway.remote_models.is_remote(upstream, model)
+    except requests.RequestException as error:
+        raise upstream_error(error, "ollama", upstream.base, gateway.retry_after)
+    if remote:
+        raise GatewayError(403, "cloud_model_disabled",
+                           "%s is a remote model (its config names a remote_host): Ollama runs it elsewhere, "
+                           "on this box owner's account; it is disabled on this gateway (set "
+                           "ALLOW_OLLAMA_CLOUD=1 to allow it)" % printable(model))
 
 
 def wait_in_line(gateway, exchange, holder):
@@ -896,6 +933,10 @@ def own_route(gateway, exchange):
     if path.startswith("/tasks/") and method == "DELETE":
         return cancel_task(gateway, exchange, path[len("/tasks/"):])
     if path == "/metrics" and method == "GET":
+        key = exchange.key
+        if key is not None and not (key.admin or key.scraper):  # every key's name and counts are in it
+            raise GatewayError(403, "forbidden", "/metrics needs an admin key or a metrics key (a line "
+                               "'KEY NAME metrics' in the key file); it shows every key's counts")
         if not gateway.metrics.enabled:
             raise GatewayError(404, "not_found", gateway.metrics.missing)
         return exchange.answer(200, gateway.metrics.exposition(),
@@ -905,9 +946,11 @@ def own_route(gateway, exchange):
 
 def seen_by(key, seen):
     """/slots as ``key`` may see it: a key that is not admin sees the task
-    ids, models and key names of its own tasks only."""
+    ids, models and key names of its own tasks only, and not which models
+    each GPU's Ollama has loaded (other keys' models, with several GPUs)."""
     if key is not None and not key.admin:
         for entry in seen["slots"] + seen["queue"]:
+            entry.pop("loaded", None)
             if entry.get("key") != key.name:
                 for private in ("task_id", "model", "key"):
                     entry.pop(private, None)
@@ -974,9 +1017,9 @@ def known_task(gateway, exchange, wanted):
     ``<key name>/<id>``, and one made without a key (``gateway hold``) as ``<id>``."""
     key = exchange.key
     owner, _, task_id = wanted.rpartition("/")
-    if owner and (key is None or not key.admin or not KEY_NAME_RE.match(owner)):
+    if owner and (key is None or not key.admin or not KEY_NAME_RE.fullmatch(owner)):
         raise GatewayError(404, "not_found", "no task with that id")
-    if not TASK_ID_RE.match(task_id):
+    if not TASK_ID_RE.fullmatch(task_id):
         raise GatewayError(404, "not_found", "no task with that id")
     kept_as = status.store_id(task_id, owner or (key.name if key else None))
     document = gateway.board.get(kept_as)

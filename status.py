@@ -149,6 +149,9 @@ class TaskStore(abc.ABC):
     def ping(self):
         """Raise unless the store answers."""
 
+    def tidy(self):
+        """Set aside what an earlier release left in the store; nothing by default."""
+
 
 # ---------------------------------------------------------------- Redis store
 
@@ -166,11 +169,11 @@ class RedisStore(TaskStore):
 
     # KEYS: document key, index key, cancels key. ARGV: document, ttl, score, task id, stale-before.
     CLAIM_SCRIPT = """
-local current = redis.call('GET', KEYS[1])
-if current then
+local read, current = pcall(redis.call, 'GET', KEYS[1])
+if read and current then
   local ok, doc = pcall(cjson.decode, current)
-  if ok and (doc.state == 'PENDING' or doc.state == 'RUNNING')
-     and tonumber(doc.timestamp) > tonumber(ARGV[5]) then
+  if ok and type(doc) == 'table' and (doc.state == 'PENDING' or doc.state == 'RUNNING')
+     and (tonumber(doc.timestamp) or 0) > tonumber(ARGV[5]) then
     return 0
   end
 end
@@ -232,8 +235,40 @@ return 1
         pipe.execute()
 
     def get(self, task_id):
-        raw = self.client.get(self.prefix + task_id)
-        return seen_now(json.loads(raw), self.stale_after) if raw else None
+        """None for no task -- and for a key under the prefix that holds no
+        task document (another type, as the first release's bookkeeping
+        keys, or text that is not one): logged, and never taken as the
+        store being down."""
+        try:
+            raw = self.client.get(self.prefix + task_id)
+        except redis.ResponseError as error:
+            if "WRONGTYPE" not in str(error):
+                raise
+            log.warning("task store (redis): %s%s is not a task document (%s); answered as no task",
+                        self.prefix, task_id[:200], error)
+            return None
+        document = _task_document(raw, self.prefix + task_id) if raw else None
+        return seen_now(document, self.stale_after) if document else None
+
+    # The first release kept its bookkeeping at <prefix>index and <prefix>cancels,
+    # names that are task ids now (README, "Task status", upgrading).
+    FIRST_RELEASE_KEYS = ("index", "cancels")
+
+    def tidy(self):
+        """The first release's bookkeeping keys, if still there, are moved to
+        ``<prefix>_first_release_<name>`` (no task id can start with "_"), so
+        that ``index`` and ``cancels`` are task ids like any other. With an
+        empty STATUS_PREFIX those names may be another program's: left alone."""
+        for name in self.FIRST_RELEASE_KEYS if self.prefix else ():
+            old = self.prefix + name
+            if self.client.type(old) in (b"none", b"string"):
+                continue
+            try:
+                self.client.rename(old, self.prefix + "_first_release_" + name)
+            except redis.ResponseError:  # another worker moved it first
+                continue
+            log.warning("task store (redis): moved the first release's %s to %s_first_release_%s",
+                        old, self.prefix, name)
 
     def recent(self, limit, state=None, owner=None):
         def pages(page_size=max(limit, 100)):
@@ -246,7 +281,8 @@ return 1
                 gone = [i for i, raw in zip(ids, raws) if raw is None]
                 if gone:  # expired documents leave the index as they are met
                     self.client.zrem(self.index_key, *gone)
-                yield [json.loads(raw) for raw in raws if raw is not None]
+                documents = (_task_document(raw, i) for i, raw in zip(ids, raws) if raw is not None)
+                yield [document for document in documents if document is not None]
                 start += page_size - len(gone)
 
         return _pick_recent(pages(), limit, state, self.stale_after, owner)
@@ -265,6 +301,19 @@ return 1
 
     def ping(self):
         self.client.ping()
+
+
+def _task_document(raw, where):
+    """A stored task document, or None (logged) when the value is not one."""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        document = None
+    if isinstance(document, dict) and isinstance(document.get("extensions"), dict) and "state" in document \
+            and isinstance(document.get("timestamp"), (int, float)):
+        return document
+    log.warning("task store (redis): %r is not a task document; left out", where[:200])
+    return None
 
 
 # ---------------------------------------------------------------- SQLite store
@@ -543,6 +592,10 @@ class TaskBoard:
 
     def ping(self):
         return self._asked(self.store.ping)
+
+    def tidy(self):
+        """The store's ``tidy`` (once per worker, at its start); a failure is logged, never raised."""
+        self._quietly(self.store.tidy)
 
     def _quietly(self, step, *args, default=None):
         """``step(*args)``, or ``default`` when the store is down."""

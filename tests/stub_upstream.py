@@ -70,6 +70,14 @@ from an ``X-Stub`` request header (``X-Stub: delay=2,chunks=5``), which wins:
     never=1           accept and never answer
     gzip=1            a gzip-encoded JSON body
 
+Models whose config points at another server (``ollama cp x:cloud name``,
+a Modelfile ``FROM x-cloud``): ``server.remote[name] = (remote_host,
+remote_model)``; /api/show then answers ``remote_host`` and ``remote_model``
+at the top of its document, as Ollama's GetModelInfo does. A path with a
+trailing slash that is a route without it answers as gin does
+(RedirectTrailingSlash): 307 to the path without it (301 for GET), no body.
+GET /v1/models/<model> answers OpenAI's model object.
+
 Every request is recorded (``received``): method, path, query, headers (a dict
 with lower-case names, and ``raw_headers``: the (name, value) pairs as they
 came, in order, duplicates kept), body (the bytes as they came: a chunked body
@@ -77,7 +85,9 @@ is de-chunked, a Content-Encoding is left as it is; ``decoded()`` undoes gzip,
 deflate and, if the ``zstandard`` module is there, zstd), ``form`` for a
 multipart body (name -> str, or bytes for a file), when it arrived, and when the
 client hung up (``hangup_at``), which is how the tests measure that the gateway
-closes the upstream connection.
+closes the upstream connection. The gateway's own look at a model
+(POST /api/show with ``User-Agent: edgegate-remote-check``) is recorded in
+``model_checks`` instead, so that what clients sent stays in ``received``.
 
 Run alone for the benchmark: ``python tests/stub_upstream.py --port 8000``.
 """
@@ -167,6 +177,8 @@ class StubServer(ThreadingHTTPServer):
         self.received = []
         self.keep_records = 100000
         self.loaded = {}  # model name -> {"keep_alive": seconds, "expires_at": unix time}
+        self.remote = {}  # model name -> (remote_host, remote_model): a local name for a remote model
+        self.model_checks = []  # the gateway's own /api/show looks (edgegate_remote.py)
         self.lock = threading.Lock()
         self.thread = None
 
@@ -188,6 +200,8 @@ class StubServer(ThreadingHTTPServer):
             self.defaults = {}
             self.received = []
             self.loaded = {}
+            self.remote = {}
+            self.model_checks = []
 
     # -- loaded models, as Ollama's scheduler keeps them (server/sched.go)
 
@@ -484,7 +498,10 @@ class Handler(BaseHTTPRequestHandler):
         with server.lock:
             if len(server.received) >= server.keep_records:
                 del server.received[: server.keep_records // 2]
-            server.received.append(self.record)
+            if path == "/api/show" and self.headers.get("User-Agent") == "edgegate-remote-check":
+                server.model_checks.append(self.record)
+            else:
+                server.received.append(self.record)
             knobs = _knobs(server.defaults, self.headers.get("X-Stub"))
         try:
             self._answer(method, path, body, knobs)
@@ -552,6 +569,13 @@ class Handler(BaseHTTPRequestHandler):
         if request.get("model") == "missing":
             return self._error(path, 404, "model 'missing' not found")
         route = ROUTES.get((method, path))
+        if route is None and len(path) > 1 and path.endswith("/") and (method, path[:-1]) in ROUTES:
+            # gin's RedirectTrailingSlash (gin.go redirectRequest): 301 for GET, else 307; no body
+            self.send_response(301 if method == "GET" else 307)
+            self.send_header("Location", path[:-1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if route is None:
             route = next((r for (m, prefix), r in PREFIX_ROUTES.items()
                           if m == method and path.startswith(prefix) and len(path) > len(prefix)), None)
@@ -668,6 +692,15 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, "text/plain; charset=utf-8", b"Ollama is running")
 
     def api_show(self, request, knobs):
+        """Ollama's ShowHandler: ``model``, else ``name``; a remote model's
+        config gives ``remote_host``/``remote_model`` at the top."""
+        name = request.get("model") or request.get("name") or ""
+        remote = self.server.remote.get(name) or self.server.remote.get(model_name(name) or "")
+        if remote:
+            return self._send_json(200, {"modelfile": "", "details": {"format": "", "family": "gptoss"},
+                                         "model_info": {"general.architecture": "gptoss"},
+                                         "capabilities": ["completion", "tools"],
+                                         "remote_host": remote[0], "remote_model": remote[1]})
         self._send_json(200, {"modelfile": "FROM llama3.2", "parameters": "", "template": "{{ .Prompt }}",
                               "details": {"format": "gguf", "family": "llama", "parameter_size": "3B"},
                               "model_info": {"general.architecture": "llama"}, "capabilities": ["completion"]})
@@ -912,6 +945,8 @@ ROUTES = {
 
 # Routes with a path parameter (gin's /api/user/keys/:encodedKey, /api/blobs/:digest).
 PREFIX_ROUTES = {
+    ("GET", "/v1/models/"): lambda h, r, k: h._send_json(200, {
+        "id": h.record.path[len("/v1/models/"):], "object": "model", "created": 0, "owned_by": "library"}),
     ("DELETE", "/api/user/keys/"): Handler.api_signout,
     ("POST", "/api/blobs/"): lambda h, r, k: h._send(201, "text/plain; charset=utf-8", b""),
     ("HEAD", "/api/blobs/"): lambda h, r, k: h._send(200, "text/plain; charset=utf-8", b""),

@@ -393,3 +393,29 @@ def test_task_ids_never_name_the_stores_own_keys(redis_gateway, stub):
     assert answer.status_code == 200
     assert redis_gateway.wait_state("index", ["SUCCESS"])["task_id"] == "index"
     assert redis_gateway.get("/tasks/status?limit=5").status_code == 200
+
+
+def test_a_key_of_the_wrong_type_is_a_404_for_its_id_never_an_outage(start_gateway, redis_server, stub):
+    """The first release kept its bookkeeping at <prefix>index (a sorted set)
+    and <prefix>cancels: on start they are moved aside, and any other key of
+    the wrong type under the prefix is a 404 for that id and a log line; the
+    store stays up for everyone."""
+    prefix = "wrongtype-%d:" % os.getpid()
+    client = redis_server.client()
+    client.zadd(prefix + "index", {"old-task": 1.0})
+    client.sadd(prefix + "cancels", "old-task")
+    gateway = start_gateway(REDIS_URL=redis_server.url, STATUS_PREFIX=prefix, WORKERS="1")
+    assert gateway.get("/api/tags", headers={"X-Task-Id": "ok-1"}).status_code == 200
+    assert client.type(prefix + "index") == b"none" and client.type(prefix + "_first_release_index") == b"zset"
+    assert client.type(prefix + "_first_release_cancels") == b"set"
+    client.hset(prefix + "odd", "field", "value")  # another type, left by hand
+    client.set(prefix + "text", "not a task document")
+    for task_id in ("odd", "text", "index"):
+        answer = gateway.status(task_id)
+        assert answer.status_code == 404 and gateway_error(answer)["code"] == "not_found", answer.text
+    assert gateway.status("ok-1").json()["state"] == "SUCCESS"  # at once: no cool-down began
+    assert gateway.get("/tasks/status?limit=5").status_code == 200
+    assert "odd is not a task document" in gateway.read_log()
+    assert "unavailable" not in gateway.read_log()
+    answer = gateway.post("/api/chat", json=dict(CHAT, stream=False), headers={"X-Task-Id": "odd"})
+    assert answer.status_code == 200 and gateway.wait_state("odd", ["SUCCESS"])["task_id"] == "odd"

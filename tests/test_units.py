@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 import edgegate_cloud  # noqa: E402
 import gateway  # noqa: E402
+from edgegate_body import ollama_runs_in_cloud  # noqa: E402
 from edgegate_config import Config, ConfigError, keep_alive_seconds  # noqa: E402
 from edgegate_relay import token_counts  # noqa: E402
 from edgegate_upstream import ModelLifetimes  # noqa: E402
@@ -33,6 +34,17 @@ def call(app, path, method="GET", body=b"", headers=None):
     body = b"".join(result)
     result.close()
     return seen["status"], seen["headers"], body
+
+
+@pytest.mark.parametrize("model,cloud", [
+    # internal/modelref/modelref.go parseSourceSuffix, case by case
+    ("kimi-k2:cloud", True), ("gpt-oss:20b:cloud", True), ("foo: CLOUD ", True), ("foo:8b-cloud", True),
+    ("foo:8b-Cloud", True), ("foo:-cloud", True), ("\u00a0foo:cloud\u3000", True),
+    ("foo-cloud", False), ("foo", False), ("foo:local", False), ("x:cloud:local", False),
+    ("host:5000/foo-cloud", False), ("host:5000/ns/m:cloud", True), ("foo:8b/x-cloud", False), (None, False),
+])
+def test_what_ollama_runs_in_the_cloud_follows_its_own_rule(model, cloud):
+    assert ollama_runs_in_cloud(model) is cloud
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +129,7 @@ def test_a_lock_directory_too_long_for_the_queue_sockets_stops_the_start(tmp_pat
     fits = str(tmp_path) + "/" + "x" * (fits_len - len(str(tmp_path)) - 1)
     assert len(fits) == fits_len
     assert Config.from_environ({"STATE_DIR": str(tmp_path), "GPU_LOCK_DIR": fits}).gpu_lock_dir == fits
-    os.makedirs(os.path.join(fits, "queue"))
+    assert os.path.isdir(os.path.join(fits, "queue"))  # made at start, the user's alone
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waiter:  # the kernel takes the longest name
         waiter.bind(os.path.join(fits, "queue", "%020d.sock" % 0))
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waiter, pytest.raises(OSError):  # and no longer
