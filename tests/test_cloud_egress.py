@@ -28,7 +28,7 @@ def one_worker(start_gateway):
 
 @pytest.fixture(scope="module")
 def cloud_allowed(start_gateway):
-    return start_gateway(WORKERS="1", ALLOW_OLLAMA_CLOUD="1")
+    return start_gateway(WORKERS="1", ALLOW_OLLAMA_CLOUD="1", SLOT_WAIT_S="0")  # busy: 503 at once
 
 
 @pytest.fixture
