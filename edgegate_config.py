@@ -98,6 +98,8 @@ class ApiKey:
     secret: bytes = dataclasses.field(repr=False)
     name: str
     admin: bool
+    tokens_per_day: int = None  # quotas (README, "Usage and quotas"); None: no limit
+    gpu_seconds_per_day: float = None
 
 
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -119,16 +121,50 @@ def _api_keys(env):
         lines = [[k.strip()] for k in raw.split(",") if k.strip()]
     keys = []
     for number, fields in enumerate(lines, 1):
+        fields, limits = _key_limits(fields, raw, number)
         secret = fields[0]
         name = fields[1] if len(fields) > 1 else "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
         role = fields[2] if len(fields) > 2 else ""
         if not KEY_NAME_RE.match(name) or role not in ("", "admin") or len(fields) > 3:
             raise ConfigError("GATEWAY_API_KEYS=%r: line %d: expected KEY [NAME [admin]], NAME of letters, "
                               "digits, '.', '_' or '-'" % (raw, number))
-        keys.append(ApiKey(secret.encode(), name, role == "admin"))
+        if limits and role == "admin":
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: an admin key is never limited; "
+                              "remove its quota words" % (raw, number))
+        keys.append(ApiKey(secret.encode(), name, role == "admin", **limits))
     if len({k.name for k in keys}) != len(keys):
         raise ConfigError("GATEWAY_API_KEYS=%r: two keys have the same name" % raw)
     return tuple(keys)
+
+
+# The quota words a key line may carry after its name and role (README,
+# "Usage and quotas"), and the type of each one's value.
+KEY_LIMITS = {"tokens_per_day": int, "gpu_seconds_per_day": float}
+
+
+def _key_limits(fields, raw, number):
+    """A key line's words without its ``name=value`` quota words, and those
+    words as ApiKey fields. The key itself (the first word) may hold "="."""
+    kept, limits = fields[:1], {}
+    for word in fields[1:]:
+        if "=" not in word:
+            kept.append(word)
+            continue
+        name, _, text = word.partition("=")
+        kind = KEY_LIMITS.get(name)
+        if kind is None or name in limits:
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: %s word %r; a key line takes tokens_per_day=N "
+                              "and gpu_seconds_per_day=N, each once" % (raw, number, "a repeated" if kind else
+                                                                         "unknown", word[:60]))
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if not value >= 0 or value == float("inf"):
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: %s=%r: expected %s, 0 or more"
+                              % (raw, number, name, text, "a whole number" if kind is int else "a number"))
+        limits[name] = value
+    return kept, limits
 
 
 KEEP_ALIVE_RE = re.compile(r"^-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?$|^(-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
@@ -233,6 +269,7 @@ class Config:
     bind: str
     workers: int
     threads: int
+    usage_days: int
 
     @classmethod
     def from_environ(cls, env=None):
@@ -284,6 +321,7 @@ class Config:
             bind=_text(env, "GATEWAY_BIND", "0.0.0.0:11535"),
             workers=_number(env, "WORKERS", 2, int, 1, 64),
             threads=_number(env, "THREADS", 32, int, 1, 1024),
+            usage_days=_number(env, "USAGE_DAYS", 35, int, 1, 3660),  # days of usage kept (README, "Usage and quotas")
         )
 
 
