@@ -57,6 +57,8 @@ from edgegate_hold import hold_command
 from edgegate_metrics import Metrics
 from edgegate_relay import Relay, sse_error_event, stream_format
 from edgegate_slots import GpuSlots, QueueFull, wait_turn
+from edgegate_usage import (
+    NO_KEY, KnownModels, Quotas, Usage, day_of, day_start, open_usage, seconds_to_midnight, usage_report)
 from edgegate_upstream import (
     CONNECT_FAILURES, HOP_BY_HOP, Forward, Upstream, UpstreamCall, Upstreams, caused_by, forwarded_headers,
     give_model_its_lifetime, upstream_call_of_this_thread, upstream_error, upstream_target)
@@ -96,6 +98,9 @@ class Gateway:
                 return
             self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
             self.board = status.TaskBoard(status.open_store(self.config), on_failure=self.metrics.store_failed)
+            self.usage = open_usage(self.config, self.board.store)  # beside the tasks (README, "Usage and quotas")
+            self.quotas = Quotas(self.usage)
+            self.models = KnownModels(self.upstreams).start()  # the metrics' model label: what Ollama lists
             self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
             self._pid = os.getpid()
 
@@ -200,6 +205,8 @@ def proxy(gateway, exchange):
         exchange.claim_task(request)  # from here on the exchange's ending writes the task's last state
     if refusal:
         raise refusal
+    if request.inference:
+        check_quota(gateway, exchange)  # before a place in the line: a key over its quota waits for nothing
     if request.on_gpu:
         take_slot(gateway, exchange)
     if request.to_cloud:
@@ -234,7 +241,19 @@ def check_path_spelling(path):
         raise GatewayError(400, "invalid_request", "the path must not contain '.', '..' or '//' segments")
 
 
-# ---------------------------------------------------------------- the GPU slot
+# ---------------------------------------------------------------- quota and GPU slot
+
+
+def check_quota(gateway, exchange):
+    """429 ``quota_exceeded`` for a key over one of its daily quotas
+    (README, "Usage and quotas"), with Retry-After until midnight UTC, when
+    they start again. The admin key, and a key without quotas, read nothing."""
+    now = time.time()
+    refusal = gateway.quotas.refusal(exchange.key, now)
+    if refusal:
+        raise GatewayError(429, "quota_exceeded", refusal + "; the quotas start again at midnight UTC",
+                           headers=[("Retry-After", str(seconds_to_midnight(now)))], stage="quota_exceeded")
+
 
 
 def take_slot(gateway, exchange):
@@ -545,6 +564,7 @@ class Exchange:
         self.key = None  # the ApiKey the request came with (keys on)
         self.task_id = None  # the X-Task-Id of a proxied request
         self.model, self.stream = None, False  # as read from its body
+        self.inference, self.forwarded = False, False  # forwarded inference: its usage is counted
         # What it holds; each is let go by close().
         self.task = None  # its task, once claimed: only then does the ending write its state
         self.slot = None
@@ -565,7 +585,7 @@ class Exchange:
     def claim_task(self, request):
         """The request's task, claimed in the store (409 if its id is live)."""
         if request is not None:
-            self.model, self.stream = request.model, request.stream
+            self.model, self.stream, self.inference = request.model, request.stream, request.inference
         task = status.Task(self.gateway.board, self.task_id, self.gateway.config.algorithm_id, self.method,
                            self.path, owner=self.key.name if self.key else None)
         task.extensions.update(model=self.model, stream=self.stream)
@@ -586,6 +606,7 @@ class Exchange:
     def forwarding(self, forward):
         self.upstream = forward.upstream if forward.provider == "ollama" else None
         self.provider = forward.provider
+        self.forwarded = True
         self.note(RUNNING, "forwarding", "forwarded to %s" % forward.where)
 
     def note(self, *change, **extensions):
@@ -668,15 +689,22 @@ class Exchange:
     def _free_slot(self):
         slot, self.slot = self.slot, None
         if slot is not None:
-            self.ended.update(slot_index=slot.index, slot_wait_ms="%.1f" % ((slot.taken_at - self.started) * 1000))
+            held = time.monotonic() - slot.taken_at
+            self.ended.update(slot_index=slot.index, slot_wait_ms="%.1f" % ((slot.taken_at - self.started) * 1000),
+                              gpu_seconds=held, queue_seconds=slot.taken_at - self.started)
             slot.release()
-            self.gateway.metrics.slot_held(time.monotonic() - slot.taken_at, slot.index)
+            self.gateway.metrics.slot_held(held, slot.index)
 
     def _finish_task(self, outcome):
         if outcome.state == FAILED and outcome.stage in UPSTREAM_STAGES:
             self.gateway.metrics.upstream_failed(outcome.stage)
         duration_ms = round((time.monotonic() - self.started) * 1000, 1)
-        self.task.finish(outcome.state, outcome.stage, outcome.message, duration_ms=duration_ms, **outcome.counts)
+        usage = usage_of(self, outcome) if self.inference and self.forwarded else None
+        self.task.finish(outcome.state, outcome.stage, outcome.message,
+                         then=self.gateway.usage.adding(usage) if usage else None,  # the same round trip
+                         duration_ms=duration_ms, **outcome.counts)
+        if usage:
+            usage_counted(self.gateway, usage, self.model)
 
 
 def outcome_of_answer(exchange, counts):
@@ -686,6 +714,26 @@ def outcome_of_answer(exchange, counts):
         return Outcome(SUCCESS, "completed", "completed", counts)
     upstream_status = response.status_code if response is not None else None
     return Outcome(FAILED, "upstream_error", "the upstream answered %s" % upstream_status, counts)
+
+
+def usage_of(exchange, outcome):
+    """What a forwarded inference request adds to its key's and model's day
+    (README, "Usage and quotas"): the tokens its answer reported (a
+    translated answer noted them in its task), its slot's time."""
+    extensions = exchange.task.extensions
+    prompt = outcome.counts.get("prompt_tokens", extensions.get("prompt_tokens"))
+    completion = outcome.counts.get("completion_tokens", extensions.get("completion_tokens"))
+    answered = (extensions.get("upstream_status") or 999) < 400  # the model exists: an upstream ran it
+    return Usage(exchange.key.name if exchange.key else NO_KEY,
+                 exchange.gateway.models.kept_as(exchange.model, answered), prompt or 0, completion or 0,
+                 exchange.ended.get("gpu_seconds", 0.0), exchange.ended.get("queue_seconds", 0.0), time.time())
+
+
+def usage_counted(gateway, usage, model):
+    """A request's usage, stored: this worker's quotas and the metrics count it too."""
+    gateway.quotas.counted(usage)
+    gateway.metrics.inference_counted(usage.key, gateway.models.label(model), usage.prompt_tokens,
+                                      usage.completion_tokens, usage.gpu_seconds)
 
 
 def upstream_failure(exchange, error):
@@ -869,12 +917,46 @@ def own_route(gateway, exchange):
         return exchange.answer(200, known_task(gateway, exchange, path[len("/tasks/status/"):])[1])
     if path.startswith("/tasks/") and method == "DELETE":
         return cancel_task(gateway, exchange, path[len("/tasks/"):])
+    if path == "/usage" and method == "GET":
+        return usage_answer(gateway, exchange)
     if path == "/metrics" and method == "GET":
         if not gateway.metrics.enabled:
             raise GatewayError(404, "not_found", "metrics need prometheus_client: pip install 'edgegate[metrics]'")
         return exchange.answer(200, gateway.metrics.exposition(),
                                content_type="text/plain; version=0.0.4; charset=utf-8")
     raise GatewayError(404, "not_found", "no route for %s %s" % (method, printable(path)))
+
+
+DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def usage_answer(gateway, exchange):
+    """GET /usage[?from=YYYY-MM-DD&to=YYYY-MM-DD] (README, "Usage and
+    quotas"): a key sees its own usage, the admin (and anyone, without
+    keys) everyone's. Without dates: today, the last 7 and the last 30 days."""
+    query = urllib.parse.parse_qs(exchange.environ.get("QUERY_STRING", ""))
+    first, last = query.get("from", [None])[-1], query.get("to", [None])[-1]
+    now = time.time()
+    if first is not None or last is not None:
+        last = last or day_of(now)
+        first = first or last
+        for name, day in (("from", first), ("to", last)):
+            if not _is_date(day):
+                raise GatewayError(400, "invalid_request", "%s must be a date YYYY-MM-DD (UTC), not %r"
+                                   % (name, printable(day)))
+        if first > last:
+            raise GatewayError(400, "invalid_request", "from (%s) is after to (%s)" % (first, last))
+    key = exchange.key
+    own = key.name if key is not None and not key.admin else None
+    report = usage_report(gateway.usage, now, own, first, last, gateway.config.usage_days)
+    return exchange.answer(200, report)
+
+
+def _is_date(text):
+    try:
+        return bool(DATE_RE.match(text)) and day_start(text) is not None
+    except ValueError:
+        return False
 
 
 def seen_by(key, seen):
