@@ -101,6 +101,10 @@ class ApiKey:
     tokens_per_day: int = None  # quotas (README, "Usage and quotas"); None: no limit
     gpu_seconds_per_day: float = None
 
+    @property
+    def limited(self):
+        return not self.admin and (self.tokens_per_day is not None or self.gpu_seconds_per_day is not None)
+
 
 KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

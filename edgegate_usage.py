@@ -29,6 +29,7 @@ requests to at once). ``KnownModels`` is the list of models Ollama has
 import abc
 import calendar
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -49,7 +50,13 @@ OTHER_MODEL = "other"  # a model Ollama does not list (a typo, a name made up to
 
 def day_of(unix_time):
     """The UTC day of a unix time, ``YYYY-MM-DD``."""
-    return time.strftime("%Y-%m-%d", time.gmtime(unix_time))
+    return _day_name(int(unix_time // DAY_S))
+
+
+@functools.lru_cache(maxsize=64)  # once per request: the same day nearly always
+def _day_name(day_number):
+    """A day's name, from its number (days since 1970-01-01: unix time counts every UTC day as 86400 s)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(day_number * DAY_S))
 
 
 def day_start(day):
@@ -77,6 +84,11 @@ class Usage:
     @property
     def day(self):
         return day_of(self.at)
+
+    @property
+    def day_began(self):
+        """The unix time its UTC day began."""
+        return int(self.at // DAY_S) * DAY_S
 
     @property
     def tokens(self):
@@ -149,7 +161,7 @@ class RedisUsage(UsageStore):
     # script cache, and a NOSCRIPT error would fail the task's write too).
     # KEYS: the day's hash. ARGV: key name + tab, model, prompt tokens,
     # completion tokens, GPU-seconds, queue seconds, unix time it expires.
-    ADD_SCRIPT = """
+    ADD_SCRIPT = b"""
 local day, key, model = KEYS[1], ARGV[1], ARGV[2]
 local tokens = tonumber(ARGV[3]) + tonumber(ARGV[4])
 redis.call('HINCRBY', day, key .. 'requests\t' .. model, 1)
@@ -165,7 +177,7 @@ return 1
 
     def adding(self, usage):
         args = (usage.key + "\t", usage.model, usage.prompt_tokens, usage.completion_tokens,
-                repr(float(usage.gpu_seconds)), repr(float(usage.queue_seconds)), day_start(usage.day) + self.keep_s)
+                repr(float(usage.gpu_seconds)), repr(float(usage.queue_seconds)), usage.day_began + self.keep_s)
 
         def add(pipe):
             pipe.eval(self.ADD_SCRIPT, 1, self.prefix + usage.day, *args)
@@ -335,7 +347,7 @@ class Quotas:
 
     def refusal(self, key, now):
         """Why ``key`` (an ApiKey, or None) may not run a request now, or None."""
-        if key is None or key.admin or (key.tokens_per_day is None and key.gpu_seconds_per_day is None):
+        if key is None or not key.limited:
             return None
         tokens, gpu_seconds = self._today(key.name, now)
         if key.tokens_per_day is not None and tokens >= key.tokens_per_day:

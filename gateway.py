@@ -248,8 +248,11 @@ def check_quota(gateway, exchange):
     """429 ``quota_exceeded`` for a key over one of its daily quotas
     (README, "Usage and quotas"), with Retry-After until midnight UTC, when
     they start again. The admin key, and a key without quotas, read nothing."""
+    key = exchange.key
+    if key is None or not key.limited:
+        return
     now = time.time()
-    refusal = gateway.quotas.refusal(exchange.key, now)
+    refusal = gateway.quotas.refusal(key, now)
     if refusal:
         raise GatewayError(429, "quota_exceeded", refusal + "; the quotas start again at midnight UTC",
                            headers=[("Retry-After", str(seconds_to_midnight(now)))], stage="quota_exceeded")

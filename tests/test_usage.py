@@ -183,6 +183,26 @@ def test_over_its_quota_a_key_waits_for_nothing_and_others_are_not_limited(quota
     assert {"alice", "bob", "root"} <= set(report)  # the admin sees everyone's
 
 
+def test_the_sdks_raise_their_rate_limit_error_for_a_key_over_its_quota(quota_gateway, stub):
+    import anthropic
+    import openai
+    gw = quota_gateway
+    alice = requests.Session()
+    alice.headers.update(as_key(ALICE))
+    while chat(alice, gw).status_code == 200:  # if the tests before did not use its tokens up
+        pass
+    time.sleep(1.1)  # and every worker knows it
+    with pytest.raises(openai.RateLimitError) as raised:
+        openai.OpenAI(base_url=gw.url + "/v1", api_key=ALICE, max_retries=0).chat.completions.create(
+            model="llama3.2", messages=MESSAGES)
+    assert raised.value.status_code == 429 and raised.value.code == "quota_exceeded"
+    assert int(raised.value.response.headers["Retry-After"]) > 0
+    with pytest.raises(anthropic.RateLimitError) as raised:
+        anthropic.Anthropic(base_url=gw.url, api_key=ALICE, max_retries=0).messages.create(
+            model="llama3.2", max_tokens=10, messages=MESSAGES)
+    assert raised.value.status_code == 429 and "tokens_per_day" in raised.value.message
+
+
 def test_a_key_over_its_gpu_seconds_quota_is_refused(quota_gateway, stub):
     gw = quota_gateway
     first, second = sessions_on_both_workers(gw, CAROL)
