@@ -258,7 +258,6 @@ def check_quota(gateway, exchange):
                            headers=[("Retry-After", str(seconds_to_midnight(now)))], stage="quota_exceeded")
 
 
-
 def take_slot(gateway, exchange):
     """Hold a GPU slot for the rest of the exchange: the slot is handed to
     the exchange (``Exchange.own_slot``) the moment it is taken, and freed
@@ -702,7 +701,7 @@ class Exchange:
         if outcome.state == FAILED and outcome.stage in UPSTREAM_STAGES:
             self.gateway.metrics.upstream_failed(outcome.stage)
         duration_ms = round((time.monotonic() - self.started) * 1000, 1)
-        usage = usage_of(self, outcome) if self.inference and self.forwarded else None
+        usage = usage_of(self, outcome)
         self.task.finish(outcome.state, outcome.stage, outcome.message,
                          then=self.gateway.usage.adding(usage) if usage else None,  # the same round trip
                          duration_ms=duration_ms, **outcome.counts)
@@ -722,21 +721,32 @@ def outcome_of_answer(exchange, counts):
 def usage_of(exchange, outcome):
     """What a forwarded inference request adds to its key's and model's day
     (README, "Usage and quotas"): the tokens its answer reported (a
-    translated answer noted them in its task), its slot's time."""
-    extensions = exchange.task.extensions
-    prompt = outcome.counts.get("prompt_tokens", extensions.get("prompt_tokens"))
-    completion = outcome.counts.get("completion_tokens", extensions.get("completion_tokens"))
-    answered = (extensions.get("upstream_status") or 999) < 400  # the model exists: an upstream ran it
-    return Usage(exchange.key.name if exchange.key else NO_KEY,
-                 exchange.gateway.models.kept_as(exchange.model, answered), prompt or 0, completion or 0,
-                 exchange.ended.get("gpu_seconds", 0.0), exchange.ended.get("queue_seconds", 0.0), time.time())
+    translated answer noted them in its task), its slot's time. None for
+    any other request -- and if counting fails: the task must end all the same."""
+    if not (exchange.inference and exchange.forwarded):
+        return None
+    try:
+        extensions = exchange.task.extensions
+        prompt = outcome.counts.get("prompt_tokens", extensions.get("prompt_tokens"))
+        completion = outcome.counts.get("completion_tokens", extensions.get("completion_tokens"))
+        answered = (extensions.get("upstream_status") or 999) < 400  # the model exists: an upstream ran it
+        return Usage(exchange.key.name if exchange.key else NO_KEY,
+                     exchange.gateway.models.kept_as(exchange.model, answered), int(prompt or 0),
+                     int(completion or 0), exchange.ended.get("gpu_seconds", 0.0),
+                     exchange.ended.get("queue_seconds", 0.0), time.time())
+    except Exception:  # a bug of ours
+        log.exception("counting the usage of %s %s", exchange.method, printable(exchange.path))
+        return None
 
 
 def usage_counted(gateway, usage, model):
     """A request's usage, stored: this worker's quotas and the metrics count it too."""
-    gateway.quotas.counted(usage)
-    gateway.metrics.inference_counted(usage.key, gateway.models.label(model), usage.prompt_tokens,
-                                      usage.completion_tokens, usage.gpu_seconds)
+    try:
+        gateway.quotas.counted(usage)
+        gateway.metrics.inference_counted(usage.key, gateway.models.label(model), usage.prompt_tokens,
+                                          usage.completion_tokens, usage.gpu_seconds)
+    except Exception:  # a bug of ours: the access line is still written
+        log.exception("counting the usage of a request for %s", printable(model))
 
 
 def upstream_failure(exchange, error):
