@@ -1124,7 +1124,7 @@ def _masked(config):
     """The configuration as ``check`` prints it: secrets shown as ***."""
     shown = dataclasses.asdict(config)
     shown["api_keys"] = "%d key(s): %s" % (len(config.api_keys), ", ".join(
-        k.name + (" (admin)" if k.admin else "") for k in config.api_keys)) if config.api_keys else ""
+        k.name + (" (admin)" if k.admin else "") + _quotas_shown(k) for k in config.api_keys)) if config.api_keys else ""
     for secret in ("redis_password", "openai_api_key"):
         if shown[secret]:
             shown[secret] = "***"
@@ -1134,6 +1134,16 @@ def _masked(config):
             netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
             shown["redis_url"] = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return shown
+
+
+def _quotas_shown(key):
+    """A key's quota words (README, "Usage and quotas"), as ``check`` shows them."""
+    words = []
+    if key.tokens_per_day is not None:
+        words.append("tokens_per_day=%d" % key.tokens_per_day)
+    if key.gpu_seconds_per_day is not None:
+        words.append("gpu_seconds_per_day=%g" % key.gpu_seconds_per_day)
+    return " (%s)" % " ".join(words) if words else ""
 
 
 def check(gateway, out=sys.stdout):

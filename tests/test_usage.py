@@ -292,3 +292,13 @@ def test_usage_days_is_a_setting(tmp_path):
     assert Config.from_environ({"STATE_DIR": str(tmp_path), "USAGE_DAYS": "90"}).usage_days == 90
     with pytest.raises(ConfigError):
         Config.from_environ({"STATE_DIR": str(tmp_path), "USAGE_DAYS": "0"})
+
+
+def test_check_shows_each_key_s_quotas(tmp_path, stub):
+    (tmp_path / "keys").write_text("sk-x alice tokens_per_day=5\nsk-y root admin\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTREAM_", "REDIS_", "GATEWAY_"))}
+    env.update({"STATE_DIR": str(tmp_path), "UPSTREAM_BASE": stub.url, "GATEWAY_API_KEYS": "@%s" % (tmp_path / "keys")})
+    done = subprocess.run([sys.executable, "-m", "gateway", "check"], cwd=REPO, env=env, capture_output=True,
+                          timeout=30, text=True)
+    assert "2 key(s): alice (tokens_per_day=5), root (admin)" in done.stdout, done.stdout + done.stderr
+    assert "sk-x" not in done.stdout and "usage_days" in done.stdout
