@@ -254,8 +254,12 @@ def check_quota(gateway, exchange):
     now = time.time()
     refusal = gateway.quotas.refusal(key, now)
     if refusal:
+        # X-Should-Retry: the openai and anthropic SDKs retry a 429 on their own, and anthropic's
+        # would sleep the whole Retry-After (until midnight) first (anthropic/_base_client.py,
+        # _should_retry and _calculate_retry_timeout); with "false" both raise at once.
         raise GatewayError(429, "quota_exceeded", refusal + "; the quotas start again at midnight UTC",
-                           headers=[("Retry-After", str(seconds_to_midnight(now)))], stage="quota_exceeded")
+                           headers=[("Retry-After", str(seconds_to_midnight(now))), ("X-Should-Retry", "false")],
+                           stage="quota_exceeded")
 
 
 def take_slot(gateway, exchange):

@@ -192,15 +192,18 @@ def test_the_sdks_raise_their_rate_limit_error_for_a_key_over_its_quota(quota_ga
     while chat(alice, gw).status_code == 200:  # if the tests before did not use its tokens up
         pass
     time.sleep(1.1)  # and every worker knows it
+    started = time.monotonic()  # with their default retries, which would wait for Retry-After (midnight)
     with pytest.raises(openai.RateLimitError) as raised:
-        openai.OpenAI(base_url=gw.url + "/v1", api_key=ALICE, max_retries=0).chat.completions.create(
+        openai.OpenAI(base_url=gw.url + "/v1", api_key=ALICE, timeout=30).chat.completions.create(
             model="llama3.2", messages=MESSAGES)
     assert raised.value.status_code == 429 and raised.value.code == "quota_exceeded"
     assert int(raised.value.response.headers["Retry-After"]) > 0
     with pytest.raises(anthropic.RateLimitError) as raised:
-        anthropic.Anthropic(base_url=gw.url, api_key=ALICE, max_retries=0).messages.create(
+        anthropic.Anthropic(base_url=gw.url, api_key=ALICE, timeout=30).messages.create(
             model="llama3.2", max_tokens=10, messages=MESSAGES)
     assert raised.value.status_code == 429 and "tokens_per_day" in raised.value.message
+    assert time.monotonic() - started < 3  # raised at once: no retry (X-Should-Retry: false)
+    assert stub.requests_to("/v1/chat/completions") == [] and stub.requests_to("/v1/messages") == []
 
 
 def test_a_key_over_its_gpu_seconds_quota_is_refused(quota_gateway, stub):
@@ -264,15 +267,19 @@ def test_quota_words_are_read_after_the_name_and_role(tmp_path):
     assert bare.name.startswith("key-") and bare.tokens_per_day == 5 and bare.gpu_seconds_per_day is None
 
 
-@pytest.mark.parametrize("line", [
-    "sk-x alice tokens_per_hour=5", "sk-x alice tokens_per_day=1e6", "sk-x alice tokens_per_day=-1",
-    "sk-x alice gpu_seconds_per_day=nan", "sk-x alice gpu_seconds_per_day=", "sk-x alice tokens_per_day=1 tokens_per_day=2",
-    "sk-x root admin tokens_per_day=5",
+@pytest.mark.parametrize("line,says", [
+    ("sk-x alice tokens_per_hour=5", "unknown word 'tokens_per_hour=5'"),
+    ("sk-x alice tokens_per_day=1e6", "tokens_per_day='1e6': expected a whole number"),
+    ("sk-x alice tokens_per_day=-1", "tokens_per_day='-1': expected a whole number, 0 or more"),
+    ("sk-x alice gpu_seconds_per_day=nan", "gpu_seconds_per_day='nan': expected a number"),
+    ("sk-x alice gpu_seconds_per_day=", "gpu_seconds_per_day='': expected a number"),
+    ("sk-x alice tokens_per_day=1 tokens_per_day=2", "a repeated word 'tokens_per_day=2'"),
+    ("sk-x root admin tokens_per_day=5", "an admin key is never limited"),
 ])
-def test_a_bad_quota_word_is_a_configuration_error(tmp_path, line):
+def test_a_bad_quota_word_is_a_configuration_error_that_names_it(tmp_path, line, says):
     with pytest.raises(ConfigError) as raised:
         key_file_config(tmp_path, line)
-    assert "line 1" in str(raised.value) and "\n" not in str(raised.value)
+    assert "line 1: " + says in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_an_unknown_quota_word_stops_the_start_with_one_line(tmp_path):
