@@ -11,18 +11,20 @@ meets it; each module it calls on has one job:
 
     1. the app             ``Gateway.__call__``: the key, the route
     2. the proxy's steps   ``proxy``: task id -> body (edgegate_body.py) ->
-                           task -> GPU slot (edgegate_slots.py) -> forward
+                           task -> quota (edgegate_usage.py) -> GPU slot
+                           (edgegate_slots.py) -> forward
                            (edgegate_upstream.py, edgegate_cloud.py) -> relay
                            (edgegate_relay.py)
     3. the exchange        ``Exchange``: what a request holds, and its one
                            ending, ``Exchange.close``
     4. the watcher         a client that left, a DELETE, a slow reader
-    5. the own routes      /tasks, /slots, /readyz, /metrics
+    5. the own routes      /tasks, /slots, /readyz, /usage, /metrics
     6. entry points        ``app``, ``python -m gateway check`` and ``hold``
                            (edgegate_hold.py)
 
 Configuration is edgegate_config.py, errors and the access log
-edgegate_errors.py, metrics edgegate_metrics.py; importing this module reads
+edgegate_errors.py, metrics edgegate_metrics.py, usage per key and model
+edgegate_usage.py (added to by the exchange's ending); importing this module reads
 no configuration and starts nothing (``app`` is configured by
 gunicorn.conf.py when gunicorn starts).
 
@@ -922,7 +924,7 @@ def cancel(exchange):
 # ================================================================ 5. the gateway's own routes
 
 def own_route(gateway, exchange):
-    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /metrics."""
+    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /usage, /metrics."""
     path, method = exchange.path, exchange.method
     if path == "/readyz":
         return readyz(gateway, exchange)
