@@ -37,6 +37,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.request
 
 from status import STORE_COOLDOWN_S, STORE_TIMEOUT_S, StoreUnavailable
 
@@ -420,11 +421,15 @@ class KnownModels:
             time.sleep(self.EVERY_S)
 
     def refresh(self):
+        # Its own connection, closed after each look: a once-a-minute look keeps nothing open, and an
+        # opener without proxies, as the requests' own connections have none (edgegate_upstream.Upstream).
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         names, answered = set(), False
         for upstream in self.upstreams.all:
+            look = urllib.request.Request(upstream.base + "/api/tags", headers={"User-Agent": "edgegate-models"})
             try:
-                answer = upstream.send("GET", "/api/tags", {"User-Agent": "edgegate-models"}, timeout=(2.0, 5.0))
-                models = json.loads(answer.content).get("models") if answer.status_code == 200 else None
+                with opener.open(look, timeout=5.0) as answer:
+                    models = json.loads(answer.read(16 * 1024 * 1024)).get("models")
             except Exception:  # down, or not Ollama: its models stay unknown until the next look
                 continue
             for model in models if isinstance(models, list) else ():
