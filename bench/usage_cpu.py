@@ -4,7 +4,7 @@ came in) against the working tree, each on SQLite and on Redis, and the
 working tree with an API key that has quotas (one store read a second per
 worker, README "Usage and quotas") against the same key without them.
 
-    python bench/usage_cpu.py                      # about 1 minute on 2 cores
+    python bench/usage_cpu.py                      # 8 rounds: about 40 s on 2 cores
     python bench/usage_cpu.py --before fbf1d22 --rounds 40 --requests 400
 
 The same small non-streamed POST /v1/chat/completions as bench/run.py's
