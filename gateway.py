@@ -1130,7 +1130,8 @@ def _masked(config):
     """The configuration as ``check`` prints it: secrets shown as ***."""
     shown = dataclasses.asdict(config)
     shown["api_keys"] = "%d key(s): %s" % (len(config.api_keys), ", ".join(
-        k.name + (" (admin)" if k.admin else "") + _quotas_shown(k) for k in config.api_keys)) if config.api_keys else ""
+        k.name + (" (admin)" if k.admin else "") + _quotas_shown(k)
+        for k in config.api_keys)) if config.api_keys else ""
     for secret in ("redis_password", "openai_api_key"):
         if shown[secret]:
             shown[secret] = "***"
