@@ -7,7 +7,6 @@ A key line may carry daily quotas; a key over one gets 429 in its route's
 shape, before it takes a place in the GPU line, on every worker."""
 
 import datetime
-import json
 import os
 import subprocess
 import sys
