@@ -1,8 +1,8 @@
 """Usage per API key and model, by UTC day, and the quotas per key (README,
 "Usage and quotas").
 
-Every finished inference request adds to its key's and its model's figures
-of the day: requests, prompt and completion tokens (as the answer reported
+Every inference request that was forwarded adds, when it ends, to its key's
+and its model's figures of the day: requests, prompt and completion tokens (as the answer reported
 them: Ollama's ``prompt_eval_count``/``eval_count``, OpenAI's or
 Anthropic's ``usage``), GPU-seconds (how long the slot was held) and queue
 seconds. They are kept beside the task documents, in the same store, so that
@@ -16,8 +16,8 @@ every worker -- and with Redis every box -- adds to the same figures:
   task store's SQLite file; days older than USAGE_DAYS are deleted.
 
 The addition rides on the request's final task write (``status.Task.finish``
-with ``then``): the same Redis pipeline, the same SQLite transaction, so a
-request costs no store round trip more than it did.
+with ``then``): one Lua EVAL in the same Redis pipeline, one statement in the
+same SQLite transaction, so a request costs no store round trip more than it did.
 
 ``Quotas`` checks a key's ``tokens_per_day`` and ``gpu_seconds_per_day``
 before its request takes a place in the GPU line, against figures each
