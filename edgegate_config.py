@@ -102,6 +102,12 @@ class ApiKey:
     name: str
     admin: bool
     scraper: bool = False
+    tokens_per_day: int = None  # quotas (README, "Usage and quotas"); None: no limit
+    gpu_seconds_per_day: float = None
+
+    @property
+    def limited(self):
+        return not self.admin and (self.tokens_per_day is not None or self.gpu_seconds_per_day is not None)
 
 
 KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a whole value: always fullmatch
@@ -122,17 +128,21 @@ def _api_keys(env):
             raise ConfigError("GATEWAY_API_KEYS=%r: no key in it; leave it unset to run without keys" % raw)
     keys, lines_of = [], {}
     for number, fields in lines:
+        fields, limits = _key_limits(fields, raw, number)
         secret = fields[0]
         name = fields[1] if len(fields) > 1 else "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
         role = fields[2] if len(fields) > 2 else ""
         if not KEY_NAME_RE.fullmatch(name) or role not in KEY_ROLES or len(fields) > 3:
             raise ConfigError("GATEWAY_API_KEYS=%r: line %d: expected KEY [NAME [admin|metrics]], NAME of letters, "
                               "digits, '.', '_' or '-'" % (raw, number))
+        if limits and role == "admin":
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: an admin key is never limited; "
+                              "remove its quota words" % (raw, number))
         if secret in lines_of:
             raise ConfigError("GATEWAY_API_KEYS=%r: line %d: the same key as line %d; give each key one line"
                               % (raw, number, lines_of[secret]))
         lines_of[secret] = number
-        keys.append(ApiKey(secret.encode(), name, role == "admin", role == "metrics"))
+        keys.append(ApiKey(secret.encode(), name, role == "admin", role == "metrics", **limits))
     if len({k.name for k in keys}) != len(keys):
         raise ConfigError("GATEWAY_API_KEYS=%r: two keys have the same name" % raw)
     return tuple(keys)
@@ -153,6 +163,36 @@ def _key_file_lines(raw):
     if not lines:
         raise ConfigError("GATEWAY_API_KEYS=%r: the key file holds no key" % raw)
     return lines
+
+
+# The quota words a key line may carry after its name and role (README,
+# "Usage and quotas"), and the type of each one's value.
+KEY_LIMITS = {"tokens_per_day": int, "gpu_seconds_per_day": float}
+
+
+def _key_limits(fields, raw, number):
+    """A key line's words without its ``name=value`` quota words, and those
+    words as ApiKey fields. The key itself (the first word) may hold "="."""
+    kept, limits = fields[:1], {}
+    for word in fields[1:]:
+        if "=" not in word:
+            kept.append(word)
+            continue
+        name, _, text = word.partition("=")
+        kind = KEY_LIMITS.get(name)
+        if kind is None or name in limits:
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: %s word %r; a key line takes tokens_per_day=N "
+                              "and gpu_seconds_per_day=N, each once" % (raw, number, "a repeated" if kind else
+                                                                         "unknown", word[:60]))
+        try:
+            value = kind(text)
+        except ValueError:
+            value = -1
+        if not value >= 0 or value == float("inf"):
+            raise ConfigError("GATEWAY_API_KEYS=%r: line %d: %s=%r: expected %s, 0 or more"
+                              % (raw, number, name, text, "a whole number" if kind is int else "a number"))
+        limits[name] = value
+    return kept, limits
 
 
 KEEP_ALIVE_RE = re.compile(r"-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h)?|(-?\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")  # fullmatch
@@ -276,6 +316,7 @@ class Config:
     bind: str
     workers: int
     threads: int
+    usage_days: int
 
     @classmethod
     def from_environ(cls, env=None):
@@ -333,6 +374,7 @@ class Config:
             bind=_text(env, "GATEWAY_BIND", "0.0.0.0:11535"),
             workers=workers,
             threads=threads,
+            usage_days=_number(env, "USAGE_DAYS", 35, int, 1, 3660),  # days of usage kept (README, "Usage and quotas")
         )
 
 

@@ -67,6 +67,12 @@ class Metrics:
         self.gpu_refusals = prom.Counter("edgegate_gpu_refusals_total",
                                          "Inference requests refused for the GPU, by reason (busy, queue_full)",
                                          ["reason"], **own)
+        # model: a name Ollama lists in /api/tags, else "other" (edgegate_usage.KnownModels): bounded series
+        self.tokens = prom.Counter("edgegate_tokens_total", "Tokens of finished inference requests, by API key "
+                                   "name, model and kind (prompt, completion)", ["key", "model", "kind"], **own)
+        self.gpu_seconds = prom.Counter("edgegate_gpu_seconds_total", "Seconds a GPU slot was held by inference "
+                                        "requests, by API key name and model", ["key", "model"], **own)
+        self._usage_counters = {}  # (key name, model) -> the three counters above, labelled
         self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
                                        multiprocess_mode="livesum", **own)
         self.enabled = True
@@ -111,6 +117,21 @@ class Metrics:
     def load_call_sent(self):
         if self.enabled:
             self.load_calls.inc()
+
+    def inference_counted(self, key_name, model, prompt_tokens, completion_tokens, gpu_seconds):
+        """A finished inference request's usage (README, "Usage and quotas")."""
+        if self.enabled:
+            counters = self._usage_counters.get((key_name, model))
+            if counters is None:  # a few keys times the models Ollama lists: kept, not looked up each time
+                counters = self._usage_counters[(key_name, model)] = (
+                    self.tokens.labels(key_name, model, "prompt"), self.tokens.labels(key_name, model, "completion"),
+                    self.gpu_seconds.labels(key_name, model))
+            if prompt_tokens:
+                counters[0].inc(prompt_tokens)
+            if completion_tokens:
+                counters[1].inc(completion_tokens)
+            if gpu_seconds:
+                counters[2].inc(gpu_seconds)
 
     def stream_opened(self):
         if self.enabled:

@@ -11,18 +11,20 @@ meets it; each module it calls on has one job:
 
     1. the app             ``Gateway.__call__``: the key, the route
     2. the proxy's steps   ``proxy``: task id -> body (edgegate_body.py) ->
-                           task -> GPU slot (edgegate_slots.py) -> forward
+                           task -> quota (edgegate_usage.py) -> GPU slot
+                           (edgegate_slots.py) -> forward
                            (edgegate_upstream.py, edgegate_cloud.py) -> relay
                            (edgegate_relay.py)
     3. the exchange        ``Exchange``: what a request holds, and its one
                            ending, ``Exchange.close``
     4. the watcher         a client that left, a DELETE, a slow reader
-    5. the own routes      /tasks, /slots, /readyz, /metrics
+    5. the own routes      /tasks, /slots, /readyz, /usage, /metrics
     6. entry points        ``app``, ``python -m gateway check`` and ``hold``
                            (edgegate_hold.py)
 
 Configuration is edgegate_config.py, errors and the access log
-edgegate_errors.py, metrics edgegate_metrics.py; importing this module reads
+edgegate_errors.py, metrics edgegate_metrics.py, usage per key and model
+edgegate_usage.py (added to by the exchange's ending); importing this module reads
 no configuration and starts nothing (``app`` is configured by
 gunicorn.conf.py when gunicorn starts).
 
@@ -59,6 +61,8 @@ from edgegate_metrics import Metrics
 from edgegate_relay import Relay, sse_error_event, stream_format
 from edgegate_remote import RemoteModels
 from edgegate_slots import GpuSlots, QueueFull, wait_turn
+from edgegate_usage import (
+    NO_KEY, KnownModels, Quotas, Usage, day_of, day_start, open_usage, seconds_to_midnight, usage_report)
 from edgegate_upstream import (
     CONNECT_FAILURES, HOP_BY_HOP, Forward, Upstream, UpstreamCall, Upstreams, caused_by, forwarded_headers,
     give_model_its_lifetime, upstream_call_of_this_thread, upstream_error, upstream_target)
@@ -105,6 +109,14 @@ class Gateway:
             metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
             self.board = status.TaskBoard(status.open_store(self.config), on_failure=metrics.store_failed)
             self.board.tidy()  # the first release's Redis keys (README, "Task status")
+            self.usage = open_usage(self.config, self.board.store)  # beside the tasks (README, "Usage and quotas")
+            self.quotas = Quotas(self.usage)
+            self.models = KnownModels(self.upstreams).start()  # the metrics' model label: what Ollama lists
+            self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
+            self.board = status.TaskBoard(status.open_store(self.config), on_failure=self.metrics.store_failed)
+            self.usage = open_usage(self.config, self.board.store)  # beside the tasks (README, "Usage and quotas")
+            self.quotas = Quotas(self.usage)
+            self.models = KnownModels(self.upstreams).start()  # the metrics' model label: what Ollama lists
             self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
             self.metrics, self._pid = metrics, os.getpid()
 
@@ -214,6 +226,8 @@ def proxy(gateway, exchange):
         exchange.claim_task(request)  # from here on the exchange's ending writes the task's last state
     if refusal:
         raise refusal
+    if request.inference:
+        check_quota(gateway, exchange)  # before a place in the line: a key over its quota waits for nothing
     if request.on_gpu:
         take_slot(gateway, exchange)
         refuse_remote_model(gateway, exchange, request)
@@ -259,7 +273,25 @@ def without_trailing_slash(path):
     return path.rstrip("/") if len(path) > 1 else path
 
 
-# ---------------------------------------------------------------- the GPU slot
+# ---------------------------------------------------------------- quota and GPU slot
+
+
+def check_quota(gateway, exchange):
+    """429 ``quota_exceeded`` for a key over one of its daily quotas
+    (README, "Usage and quotas"), with Retry-After until midnight UTC, when
+    they start again. The admin key, and a key without quotas, read nothing."""
+    key = exchange.key
+    if key is None or not key.limited:
+        return
+    now = time.time()
+    refusal = gateway.quotas.refusal(key, now)
+    if refusal:
+        # X-Should-Retry: the openai and anthropic SDKs retry a 429 on their own, and anthropic's
+        # would sleep the whole Retry-After (until midnight) first (anthropic/_base_client.py,
+        # _should_retry and _calculate_retry_timeout); with "false" both raise at once.
+        raise GatewayError(429, "quota_exceeded", refusal + "; the quotas start again at midnight UTC",
+                           headers=[("Retry-After", str(seconds_to_midnight(now))), ("X-Should-Retry", "false")],
+                           stage="quota_exceeded")
 
 
 def take_slot(gateway, exchange):
@@ -601,6 +633,7 @@ class Exchange:
         self.key = None  # the ApiKey the request came with (keys on)
         self.task_id = None  # the X-Task-Id of a proxied request
         self.model, self.stream = None, False  # as read from its body
+        self.inference, self.forwarded = False, False  # forwarded inference: its usage is counted
         # What it holds; each is let go by close().
         self.task = None  # its task, once claimed: only then does the ending write its state
         self.slot = None
@@ -614,6 +647,7 @@ class Exchange:
         self.status_code = None
         self.bytes_out = 0
         self.slot_wait_ms, self.slot_index = None, None  # for the access line, once the slot is freed
+        self.gpu_seconds, self.queue_seconds = 0.0, 0.0  # for its usage (README, "Usage and quotas")
         self.answer_started, self._write = False, None  # a queued SSE stream's 200 went out (QueuedStream)
         self.closed, self._close_lock = False, threading.Lock()
 
@@ -622,7 +656,7 @@ class Exchange:
     def claim_task(self, request):
         """The request's task, claimed in the store (409 if its id is live)."""
         if request is not None:
-            self.model, self.stream = request.model, request.stream
+            self.model, self.stream, self.inference = request.model, request.stream, request.inference
         task = status.Task(self.gateway.board, self.task_id, self.gateway.config.algorithm_id, self.method,
                            self.path, owner=self.key.name if self.key else None)
         task.extensions.update(model=self.model, stream=self.stream)
@@ -643,6 +677,7 @@ class Exchange:
     def forwarding(self, forward):
         self.upstream = forward.upstream if forward.provider == "ollama" else None
         self.provider = forward.provider
+        self.forwarded = True
         self.note(RUNNING, "forwarding", "forwarded to %s" % forward.where)
 
     def note(self, *change, **extensions):
@@ -731,15 +766,21 @@ class Exchange:
     def _free_slot(self):
         slot, self.slot = self.slot, None
         if slot is not None:
-            self.slot_index = slot.index
+            held = time.monotonic() - slot.taken_at
+            self.slot_index, self.gpu_seconds, self.queue_seconds = slot.index, held, slot.taken_at - self.started
             slot.release()
-            self.gateway.metrics.slot_held(time.monotonic() - slot.taken_at, slot.index)
+            self.gateway.metrics.slot_held(held, slot.index)
 
     def _finish_task(self, outcome):
         if outcome.state == FAILED and outcome.stage in UPSTREAM_STAGES:
             self.gateway.metrics.upstream_failed(outcome.stage)
         duration_ms = round((time.monotonic() - self.started) * 1000, 1)
-        self.task.finish(outcome.state, outcome.stage, outcome.message, duration_ms=duration_ms, **outcome.counts)
+        usage = usage_of(self, outcome)
+        self.task.finish(outcome.state, outcome.stage, outcome.message,
+                         then=self.gateway.usage.adding(usage) if usage else None,  # the same round trip
+                         duration_ms=duration_ms, **outcome.counts)
+        if usage:
+            usage_counted(self.gateway, usage, self.model)
 
 
 def outcome_of_answer(exchange, counts):
@@ -749,6 +790,36 @@ def outcome_of_answer(exchange, counts):
         return Outcome(SUCCESS, "completed", "completed", counts)
     upstream_status = response.status_code if response is not None else None
     return Outcome(FAILED, "upstream_error", "the upstream answered %s" % upstream_status, counts)
+
+
+def usage_of(exchange, outcome):
+    """What a forwarded inference request adds to its key's and model's day
+    (README, "Usage and quotas"): the tokens its answer reported (a
+    translated answer noted them in its task), its slot's time. None for
+    any other request -- and if counting fails: the task must end all the same."""
+    if not (exchange.inference and exchange.forwarded):
+        return None
+    try:
+        extensions = exchange.task.extensions
+        prompt = outcome.counts.get("prompt_tokens", extensions.get("prompt_tokens"))
+        completion = outcome.counts.get("completion_tokens", extensions.get("completion_tokens"))
+        answered = (extensions.get("upstream_status") or 999) < 400  # the model exists: an upstream ran it
+        return Usage(exchange.key.name if exchange.key else NO_KEY,
+                     exchange.gateway.models.kept_as(exchange.model, answered), int(prompt or 0),
+                     int(completion or 0), exchange.gpu_seconds, exchange.queue_seconds, time.time())
+    except Exception:  # a bug of ours
+        log.exception("counting the usage of %s %s", exchange.method, printable(exchange.path))
+        return None
+
+
+def usage_counted(gateway, usage, model):
+    """A request's usage, stored: this worker's quotas and the metrics count it too."""
+    try:
+        gateway.quotas.counted(usage)
+        gateway.metrics.inference_counted(usage.key, gateway.models.label(model), usage.prompt_tokens,
+                                          usage.completion_tokens, usage.gpu_seconds)
+    except Exception:  # a bug of ours: the access line is still written
+        log.exception("counting the usage of a request for %s", printable(model))
 
 
 def upstream_failure(exchange, error):
@@ -920,7 +991,7 @@ def cancel(exchange):
 # ================================================================ 5. the gateway's own routes
 
 def own_route(gateway, exchange):
-    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /metrics."""
+    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /usage, /metrics."""
     path, method = exchange.path, exchange.method
     if path == "/readyz":
         return readyz(gateway, exchange)
@@ -932,6 +1003,8 @@ def own_route(gateway, exchange):
         return exchange.answer(200, known_task(gateway, exchange, path[len("/tasks/status/"):])[1])
     if path.startswith("/tasks/") and method == "DELETE":
         return cancel_task(gateway, exchange, path[len("/tasks/"):])
+    if path == "/usage" and method == "GET":
+        return usage_answer(gateway, exchange)
     if path == "/metrics" and method == "GET":
         key = exchange.key
         if key is not None and not (key.admin or key.scraper):  # every key's name and counts are in it
@@ -942,6 +1015,38 @@ def own_route(gateway, exchange):
         return exchange.answer(200, gateway.metrics.exposition(),
                                content_type="text/plain; version=0.0.4; charset=utf-8")
     raise GatewayError(404, "not_found", "no route for %s %s" % (method, printable(path)))
+
+
+DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def usage_answer(gateway, exchange):
+    """GET /usage[?from=YYYY-MM-DD&to=YYYY-MM-DD] (README, "Usage and
+    quotas"): a key sees its own usage, the admin (and anyone, without
+    keys) everyone's. Without dates: today, the last 7 and the last 30 days."""
+    query = urllib.parse.parse_qs(exchange.environ.get("QUERY_STRING", ""))
+    first, last = query.get("from", [None])[-1], query.get("to", [None])[-1]
+    now = time.time()
+    if first is not None or last is not None:
+        last = last or day_of(now)
+        first = first or last
+        for name, day in (("from", first), ("to", last)):
+            if not _is_date(day):
+                raise GatewayError(400, "invalid_request", "%s must be a date YYYY-MM-DD (UTC), not %r"
+                                   % (name, printable(day)))
+        if first > last:
+            raise GatewayError(400, "invalid_request", "from (%s) is after to (%s)" % (first, last))
+    key = exchange.key
+    own = key.name if key is not None and not key.admin else None
+    report = usage_report(gateway.usage, now, own, first, last, gateway.config.usage_days)
+    return exchange.answer(200, report)
+
+
+def _is_date(text):
+    try:
+        return bool(DATE_RE.match(text)) and day_start(text) is not None
+    except ValueError:
+        return False
 
 
 def seen_by(key, seen):
@@ -1097,7 +1202,8 @@ def _masked(config):
     """The configuration as ``check`` prints it: secrets shown as ***."""
     shown = dataclasses.asdict(config)
     shown["api_keys"] = "%d key(s): %s" % (len(config.api_keys), ", ".join(
-        k.name + (" (admin)" if k.admin else "") for k in config.api_keys)) if config.api_keys else ""
+        k.name + (" (admin)" if k.admin else "") + _quotas_shown(k)
+        for k in config.api_keys)) if config.api_keys else ""
     for secret in ("redis_password", "openai_api_key"):
         if shown[secret]:
             shown[secret] = "***"
@@ -1107,6 +1213,16 @@ def _masked(config):
             netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
             shown["redis_url"] = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return shown
+
+
+def _quotas_shown(key):
+    """A key's quota words (README, "Usage and quotas"), as ``check`` shows them."""
+    words = []
+    if key.tokens_per_day is not None:
+        words.append("tokens_per_day=%d" % key.tokens_per_day)
+    if key.gpu_seconds_per_day is not None:
+        words.append("gpu_seconds_per_day=%g" % key.gpu_seconds_per_day)
+    return " (%s)" % " ".join(words) if words else ""
 
 
 def check(gateway, out=sys.stdout):

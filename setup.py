@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     py_modules=["gateway", "status", "edgegate_body", "edgegate_cloud", "edgegate_config", "edgegate_errors",
                 "edgegate_hold", "edgegate_metrics", "edgegate_relay", "edgegate_remote", "edgegate_slots",
-                "edgegate_spool",
+                "edgegate_spool", "edgegate_usage",
                 "edgegate_upstream", "edgegate_worker"],
     python_requires=">=3.9",
     # zstandard: zstd request bodies (coding agents send them) before Python 3.14's compression.zstd.

@@ -126,8 +126,11 @@ class TaskStore(abc.ABC):
         """Write a task's first document; False when its id is live already."""
 
     @abc.abstractmethod
-    def put(self, documents):
-        """Write these documents (heartbeats, changes, final states)."""
+    def put(self, documents, then=None):
+        """Write these documents (heartbeats, changes, final states). ``then``:
+        a step of the same round trip (a request's usage, edgegate_usage.py),
+        given the Redis pipeline, or the SQLite connection inside the write's
+        transaction."""
 
     @abc.abstractmethod
     def get(self, task_id):
@@ -228,10 +231,12 @@ return 1
         )
         return bool(done)
 
-    def put(self, documents):
+    def put(self, documents, then=None):
         pipe = self.client.pipeline(transaction=False)
         for document in documents:
             pipe.set(self.prefix + _store_id_of(document), json.dumps(document), ex=self._ttl(document))
+        if then is not None:
+            then(pipe)
         pipe.execute()
 
     def get(self, task_id):
@@ -414,7 +419,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         return cursor.rowcount == 1
 
     @_one_at_a_time
-    def put(self, documents):
+    def put(self, documents, then=None):
         db = self._connection()
         now = time.time()
         rows = [
@@ -424,12 +429,14 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         upsert = ("INSERT INTO tasks (task_id, state, created, updated, expires, document) VALUES (?, ?, ?, ?, ?, ?)"
                   " ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, updated = excluded.updated,"
                   " expires = excluded.expires, document = excluded.document")
-        if len(rows) == 1:
+        if len(rows) == 1 and then is None:
             db.execute(upsert, rows[0])  # one statement is its own transaction
         else:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(upsert, rows)
+                if then is not None:
+                    then(db)
             finally:
                 db.execute("COMMIT")
         if now >= self._next_purge:
@@ -573,8 +580,8 @@ class TaskBoard:
         is let through (nothing to check against)."""
         return self._quietly(self.store.claim, document, default=True)
 
-    def put(self, documents):
-        self._quietly(self.store.put, documents)
+    def put(self, documents, then=None):
+        self._quietly(self.store.put, documents, then)
 
     def cancels_among(self, task_ids):
         return self._quietly(self.store.cancels_among, task_ids, default=set())
@@ -690,15 +697,16 @@ class Task:
             self.extensions.update(extensions)
             self.dirty = True
 
-    def finish(self, state, stage, message, **extensions):
-        """Write the final document now. Only the first call counts."""
+    def finish(self, state, stage, message, then=None, **extensions):
+        """Write the final document now, with ``then`` in the same round trip
+        (``TaskStore.put``). Only the first call counts."""
         with self.lock:
             if self.finished:
                 return
             self.finished = True
             self.state, self.stage, self.message = state, stage, message
             self.extensions.update(extensions)
-            self.board.put([self.document()])
+            self.board.put([self.document()], then)
 
 
 def flush_tasks(board, tasks, heartbeat_sec):

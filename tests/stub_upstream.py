@@ -78,7 +78,10 @@ trailing slash that is a route without it answers as gin does
 (RedirectTrailingSlash): 307 to the path without it (301 for GET), no body.
 GET /v1/models/<model> answers OpenAI's model object.
 
-Every request is recorded (``received``): method, path, query, headers (a dict
+Every request is recorded (``received``; the gateway's own looks at the model
+list, ``User-Agent: edgegate-models``, in ``polls``, and its /api/show looks at
+whether a model is remote, ``User-Agent: edgegate-remote-check``, in
+``model_checks``): method, path, query, headers (a dict
 with lower-case names, and ``raw_headers``: the (name, value) pairs as they
 came, in order, duplicates kept), body (the bytes as they came: a chunked body
 is de-chunked, a Content-Encoding is left as it is; ``decoded()`` undoes gzip,
@@ -175,6 +178,7 @@ class StubServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), Handler)
         self.defaults = {}
         self.received = []
+        self.polls = []  # the gateway's GET /api/tags looks (User-Agent: edgegate-models)
         self.keep_records = 100000
         self.loaded = {}  # model name -> {"keep_alive": seconds, "expires_at": unix time}
         self.remote = {}  # model name -> (remote_host, remote_model): a local name for a remote model
@@ -496,12 +500,19 @@ class Handler(BaseHTTPRequestHandler):
                              self.headers.items(), "chunked" in (self.headers.get("Transfer-Encoding") or "").lower())
         server = self.server
         with server.lock:
-            if len(server.received) >= server.keep_records:
-                del server.received[: server.keep_records // 2]
-            if path == "/api/show" and self.headers.get("User-Agent") == "edgegate-remote-check":
-                server.model_checks.append(self.record)
+            # The gateway's own looks (at the model list: edgegate_usage.KnownModels, once a minute per
+            # worker; at whether a model is remote: edgegate_remote.py) come at any time: kept apart, so
+            # that a test counting what its request sent is not disturbed by them.
+            agent = self.headers.get("User-Agent")
+            if agent == "edgegate-models":
+                kept = server.polls
+            elif path == "/api/show" and agent == "edgegate-remote-check":
+                kept = server.model_checks
             else:
-                server.received.append(self.record)
+                kept = server.received
+            if len(kept) >= server.keep_records:
+                del kept[: server.keep_records // 2]
+            kept.append(self.record)
             knobs = _knobs(server.defaults, self.headers.get("X-Stub"))
         try:
             self._answer(method, path, body, knobs)
