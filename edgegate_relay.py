@@ -25,6 +25,17 @@ USAGE_RE = {
     "completion_tokens": re.compile(rb'"(?:completion_tokens|eval_count|output_tokens)"\s*:\s*(\d+)'),
 }
 TAIL_BYTES = 8192
+# What counts as one generated piece while a stream passes (README, "Live
+# page": tokens so far): an NDJSON line of Ollama's that is not the last
+# (``"done":false``, server/routes.go writes one per token), an SSE ``data:``
+# event that is not ``[DONE]`` (Ollama's OpenAI layer, openai/openai.go, sends
+# one chunk per token). An estimate while it runs; the exact count is read
+# from the answer's usage when it ends.
+PIECE_RE = {  # format: (what counts one, what takes one back)
+    "ndjson": (re.compile(rb'"done"\s*:\s*false'), None),
+    "sse": (re.compile(rb'\ndata:'), re.compile(rb'\ndata: ?\[DONE\]')),
+}
+PIECE_CARRY = 24  # the longest marker above, less one: a marker split across two chunks is counted once
 CHUNK_BYTES = 65536
 _END = object()
 
@@ -49,7 +60,8 @@ class Relay:
     - ``relay_closed(complete, counts)``: gunicorn closed the body (PEP 3333:
       also when the client went away); a stream whose own end marker had
       passed was complete all the same;
-    - and, as it goes: ``first_byte_arrived()``, ``relayed(bytes so far)``,
+    - and, as it goes: ``first_byte_arrived()``, ``relayed(bytes so far,
+      pieces so far)``,
       ``writing(since)`` (gunicorn is writing a piece to the client since
       then, None once written: the watcher drops a client that stops
       reading), ``cut_client()`` (a sized answer cut short).
@@ -64,6 +76,7 @@ class Relay:
         self.translate = translate  # chunks -> chunks, the answer in the client's shape (cloud route)
         self.length = None if translate else _content_length(response)
         self.tail = b""  # the last bytes relayed: token counts and end markers are read from it
+        self.pieces = PieceCount(stream_format)
         self.stop = threading.Event()
         self._body = self._relay()
 
@@ -141,7 +154,7 @@ class Relay:
     def _passing(self, chunk, sent):
         if sent == len(chunk):
             self.exchange.first_byte_arrived()
-        self.exchange.relayed(sent)
+        self.exchange.relayed(sent, self.pieces.add(chunk))
         self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
 
     def _error_event(self, failure):
@@ -158,6 +171,27 @@ def sse_error_event(document):
     """An error document as a stream's last SSE event."""
     event = b"event: error\n" if document.get("type") == "error" else b""  # Anthropic names its events
     return event + b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+class PieceCount:
+    """Generated pieces (about one a token) counted as a stream passes, from
+    each chunk and the last few bytes of the one before: nothing is kept."""
+
+    def __init__(self, stream_format):
+        self.counts, self.takes_back = PIECE_RE.get(stream_format, (None, None))
+        self.carry = b"\n"  # an SSE stream's first line starts a line too
+        self.count = 0
+
+    def add(self, chunk):
+        """The count with ``chunk``: a marker is counted in the chunk where it ends."""
+        if self.counts is None:
+            return 0
+        seen, old = self.carry + chunk, len(self.carry)
+        self.count += sum(1 for found in self.counts.finditer(seen) if found.end() > old)
+        if self.takes_back is not None:
+            self.count -= sum(1 for found in self.takes_back.finditer(seen) if found.end() > old)
+        self.carry = seen[-PIECE_CARRY:]
+        return self.count
 
 
 def token_counts(tail):

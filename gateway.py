@@ -245,7 +245,9 @@ def take_slot(gateway, exchange):
     shared by every worker (``wait_in_line``), at most SLOT_WAIT_S. A client
     that leaves, or a DELETE, while the request waits ends the wait."""
     holder = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
-              "since": round(time.time(), 3)}
+              "since": round(time.time(), 3), "model": exchange.model}
+    if isinstance(exchange.model, str) and len(exchange.model) > 200:  # the record is read from its first 4 KiB
+        holder["model"] = exchange.model[:200] + "..."
     if exchange.key is not None:
         holder["key"] = exchange.key.name
     slots, config = gateway.slots, gateway.config
@@ -497,8 +499,9 @@ class RelayReport:
         exchange.gateway.metrics.first_byte(ttft)
         exchange.note(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
 
-    def relayed(self, bytes_so_far):
+    def relayed(self, bytes_so_far, pieces_so_far):
         self.exchange.bytes_out = bytes_so_far
+        self.exchange.progress.pieces = pieces_so_far
 
     def writing(self, since):
         self.exchange.writing_since = since
@@ -521,6 +524,27 @@ class RelayReport:
 
     def cut_client(self):
         cut_client(self.exchange)
+
+
+class Progress:
+    """Tokens so far of an answer that streams, and their rate, for the live
+    page (README, "Live page"): the relay counts the pieces as they pass
+    (edgegate_relay.PieceCount), and the watcher puts them in the task's
+    document at most once a second, in the batch it writes anyway."""
+
+    EVERY_S = 1.0
+
+    def __init__(self):
+        self.pieces = 0  # set by the relay's thread; read by the watcher's
+        self.told, self.told_at = 0, 0.0
+
+    def tell(self, task, first_byte_at, now):
+        pieces = self.pieces
+        if pieces == self.told or first_byte_at is None or now - self.told_at < self.EVERY_S:
+            return
+        self.told, self.told_at = pieces, now
+        elapsed = now - first_byte_at
+        task.set(tokens_so_far=pieces, tokens_per_second=round(pieces / elapsed, 1) if elapsed > 0 else None)
 
 
 class Exchange:
@@ -552,7 +576,7 @@ class Exchange:
         self.response = None  # the upstream's response
         # What its access line and metrics tell.
         self.upstream, self.provider = None, "ollama"  # where it was forwarded; who answers, named in errors
-        self.first_byte_at = None
+        self.first_byte_at, self.progress = None, Progress()  # the first byte back; tokens so far (live page)
         self.writing_since = None  # set while gunicorn writes a piece of the answer to the client
         self.status_code = None
         self.bytes_out = 0
@@ -821,8 +845,10 @@ class Watcher:
             exchanges = list(self.exchanges.values())
         if not exchanges:
             return
-        status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
         now = time.monotonic()
+        for exchange in exchanges:
+            exchange.progress.tell(exchange.task, exchange.first_byte_at, now)
+        status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
         for exchange in exchanges:
             since = exchange.writing_since
             if since is not None and now - since > self.client_send_timeout_s:

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import edgegate_cloud  # noqa: E402
 import gateway  # noqa: E402
 from edgegate_config import Config, ConfigError, keep_alive_seconds  # noqa: E402
-from edgegate_relay import token_counts  # noqa: E402
+from edgegate_relay import PieceCount, token_counts  # noqa: E402
 from edgegate_upstream import ModelLifetimes  # noqa: E402
 
 
@@ -81,6 +81,20 @@ def test_token_counts_from_the_tail_of_each_shape():
     assert token_counts(sse) == {"prompt_tokens": 11, "completion_tokens": 22}
     assert token_counts(ndjson) == {"prompt_tokens": 5, "completion_tokens": 6}
     assert token_counts(b'{"content": "the word \\"eval_count\\": 3 in text"}') == {}
+
+
+def test_pieces_so_far_are_counted_once_however_the_stream_is_cut():
+    """The live page's tokens so far: one per NDJSON line not done, one per
+    SSE data event but [DONE], whatever chunks the answer comes in."""
+    sse = b"".join(b'data: {"choices": [{"delta": {"content": "w%d"}}]}\n\n' % n for n in range(5)) + b"data: [DONE]\n\n"
+    ndjson = b"".join(b'{"message": {"content": "w"}, "done":false}\n' for _ in range(4)) + \
+        b'{"done": true, "eval_count": 4}\n'
+    for answer, stream_format, pieces in ((sse, "sse", 5), (ndjson, "ndjson", 4)):
+        for size in (1, 2, 3, 7, 64, len(answer)):
+            count = PieceCount(stream_format)
+            counted = [count.add(answer[i:i + size]) for i in range(0, len(answer), size)]
+            assert counted[-1] == pieces, (stream_format, size)
+    assert PieceCount(None).add(sse) == 0  # a whole answer is not counted as it passes
 
 
 def test_cloud_stream_translation_survives_any_chunking():
