@@ -17,7 +17,8 @@ meets it; each module it calls on has one job:
     3. the exchange        ``Exchange``: what a request holds, and its one
                            ending, ``Exchange.close``
     4. the watcher         a client that left, a DELETE, a slow reader
-    5. the own routes      /tasks, /slots, /readyz, /metrics
+    5. the own routes      /tasks, /slots, /readyz, /metrics, the live page
+                           /ui (edgegate_ui.py)
     6. entry points        ``app``, ``python -m gateway check`` and ``hold``
                            (edgegate_hold.py)
 
@@ -57,6 +58,7 @@ from edgegate_hold import hold_command
 from edgegate_metrics import Metrics
 from edgegate_relay import Relay, sse_error_event, stream_format
 from edgegate_slots import GpuSlots, QueueFull, wait_turn
+from edgegate_ui import LivePage, LoadedModels, live_state
 from edgegate_upstream import (
     CONNECT_FAILURES, HOP_BY_HOP, Forward, Upstream, UpstreamCall, Upstreams, caused_by, forwarded_headers,
     give_model_its_lifetime, upstream_call_of_this_thread, upstream_error, upstream_target)
@@ -87,6 +89,8 @@ class Gateway:
         self.retry_after = [("Retry-After", str(config.retry_after_s))]
         self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
                               config.upstream_retries)
+        self.live_page = LivePage()
+        self.loaded_models = LoadedModels(self.upstreams.all, (config.connect_timeout_s, 1.0))
         self._pid = None
         self._start_lock = threading.Lock()
 
@@ -124,6 +128,9 @@ class Gateway:
                 return exchange.answer(200, {"status": "ok", "pid": os.getpid()})
             if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
                 return proxy(self, exchange)
+            if path == "/ui" and exchange.method == "GET":  # the page needs no key; all it shows does
+                body, headers = self.live_page.html()
+                return exchange.answer(200, body, headers, content_type="text/html; charset=utf-8")
             exchange.key = check_api_key(self.config, exchange.environ)
             if path.startswith(("/v1/", "/api/", "//")):  # "//api/pull" is refused as a spelling, not a 404
                 return proxy(self, exchange)
@@ -883,12 +890,16 @@ def cancel(exchange):
 # ================================================================ 5. the gateway's own routes
 
 def own_route(gateway, exchange):
-    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /metrics."""
+    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /metrics, /ui/state."""
     path, method = exchange.path, exchange.method
     if path == "/readyz":
         return readyz(gateway, exchange)
     if path == "/slots" and method == "GET":
         return exchange.answer(200, seen_by(exchange.key, describe_slots(gateway)))
+    if path == "/ui/state" and method == "GET":
+        state = live_state(seen_by(exchange.key, describe_slots(gateway, with_upstream=True)), gateway.board,
+                           exchange.key, gateway.loaded_models.describe())
+        return exchange.answer(200, state, [("Cache-Control", "no-store")])
     if path == "/tasks/status" and method == "GET":
         return list_tasks(gateway, exchange)
     if path.startswith("/tasks/status/") and method == "GET":
@@ -955,10 +966,14 @@ def upstream_problem(gateway, upstream):
     return None
 
 
-def describe_slots(gateway):
+def describe_slots(gateway, with_upstream=False):
     """/slots: each slot (with several upstreams: its upstream, whether it is
-    up, and what its Ollama has loaded), and the line."""
+    up, and what its Ollama has loaded), and the line. ``with_upstream``:
+    each slot names its upstream even when there is one (the live page)."""
     slots = gateway.slots.describe()
+    if with_upstream and not gateway.upstreams.several:
+        for entry in slots:
+            entry["upstream"] = gateway.upstreams.all[0].base
     if gateway.upstreams.several:
         for entry, upstream in zip(slots, gateway.upstreams.choice.describe()):
             entry.update(upstream)
