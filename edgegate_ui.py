@@ -26,7 +26,8 @@ import status
 
 PAGE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "edgegate_ui.html")
 RECENT_SHOWN = 10  # finished tasks on the page
-RECENT_READ = 40  # newest tasks read for it (live and finished): one page of the store's list
+RECENT_READ = 40  # the key's newest tasks read for it, live and finished...
+RECENT_AMONG = 500  # ...among this many newest of all keys': a poll every second never reads the whole list
 
 
 class LivePage:
@@ -142,7 +143,8 @@ def cancel_address(key, task_id, owner):
 
 def _tasks(slots, board, key):
     """(running, recently finished) task documents ``key`` may see, newest first."""
-    newest = board.recent(RECENT_READ, None, key.name if key is not None and not key.admin else None)
+    newest = board.recent(RECENT_READ, None, key.name if key is not None and not key.admin else None,
+                          newest=RECENT_AMONG)
     running = {_where(d): d for d in newest if d["state"] == status.RUNNING}
     for slot in slots:  # a long generation may be older than the newest tasks: its slot names it
         if slot.get("task_id") and slot.get("path") != "hold":

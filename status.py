@@ -93,14 +93,20 @@ def seen_now(document, stale_after, now=None):
     return document
 
 
-def _pick_recent(pages, limit, state, stale_after, owner=None):
+def _pick_recent(pages, limit, state, stale_after, owner=None, newest=None):
     """Newest-first documents from ``pages`` (an iterator of lists of
     documents, newest first), filtered by ``state`` and by the key that made
-    them (``owner``, when given), at most ``limit``."""
+    them (``owner``, when given), at most ``limit``, among the ``newest``
+    documents only (when given: a page that polls must not read the whole
+    list for a key that has few tasks)."""
     items = []
     now = time.time()
+    looked_at = 0
     for page in pages:
         for document in page:
+            looked_at += 1
+            if newest is not None and looked_at > newest:
+                return items
             document = seen_now(document, stale_after, now)
             if owner is not None and document["extensions"].get("key") != owner:
                 continue
@@ -134,8 +140,9 @@ class TaskStore(abc.ABC):
         """The document kept as ``task_id`` (a store id), or None."""
 
     @abc.abstractmethod
-    def recent(self, limit, state=None, owner=None):
-        """Up to ``limit`` documents, newest first; of ``state`` and ``owner`` (a key name) if given."""
+    def recent(self, limit, state=None, owner=None, newest=None):
+        """Up to ``limit`` documents, newest first; of ``state`` and ``owner`` (a key name) if given;
+        among the ``newest`` documents only, if given."""
 
     @abc.abstractmethod
     def request_cancel(self, task_id):
@@ -235,7 +242,7 @@ return 1
         raw = self.client.get(self.prefix + task_id)
         return seen_now(json.loads(raw), self.stale_after) if raw else None
 
-    def recent(self, limit, state=None, owner=None):
+    def recent(self, limit, state=None, owner=None, newest=None):
         def pages(page_size=max(limit, 100)):
             start = 0
             while True:
@@ -249,7 +256,7 @@ return 1
                 yield [json.loads(raw) for raw in raws if raw is not None]
                 start += page_size - len(gone)
 
-        return _pick_recent(pages(), limit, state, self.stale_after, owner)
+        return _pick_recent(pages(), limit, state, self.stale_after, owner, newest)
 
     def request_cancel(self, task_id):
         now = time.time()
@@ -382,7 +389,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         return seen_now(json.loads(row[0]), self.stale_after) if row else None
 
     @_one_at_a_time
-    def recent(self, limit, state=None, owner=None):
+    def recent(self, limit, state=None, owner=None, newest=None):
         db = self._connection()
 
         def pages(page_size=max(limit, 100)):
@@ -397,7 +404,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
                 yield [json.loads(r[0]) for r in rows]
                 offset += page_size
 
-        return _pick_recent(pages(), limit, state, self.stale_after, owner)
+        return _pick_recent(pages(), limit, state, self.stale_after, owner, newest)
 
     @_one_at_a_time
     def request_cancel(self, task_id):
@@ -488,8 +495,8 @@ class TaskBoard:
     def get(self, task_id):
         return self._asked(self.store.get, task_id)
 
-    def recent(self, limit, state=None, owner=None):
-        return self._asked(self.store.recent, limit, state, owner)
+    def recent(self, limit, state=None, owner=None, newest=None):
+        return self._asked(self.store.recent, limit, state, owner, newest)
 
     def request_cancel(self, task_id):
         return self._asked(self.store.request_cancel, task_id)

@@ -47,6 +47,10 @@ def test_own_routes_conform_to_pep_3333(validated):
     status, headers, body = call(validated, "/nowhere")
     assert status.startswith("404") and json.loads(body)["error"]["code"] == "not_found"
     assert call(validated, "/slots")[0] == "200 OK"
+    status, headers, body = call(validated, "/ui")
+    assert status == "200 OK" and headers["Content-Type"] == "text/html; charset=utf-8" and b"/ui/state" in body
+    status, _, body = call(validated, "/ui/state")  # its upstream does not answer: the page says so
+    assert status == "200 OK" and json.loads(body)["loaded"][0]["state"] == "down"
 
 
 def test_proxied_errors_conform_to_pep_3333(validated):
@@ -160,3 +164,14 @@ def test_importing_the_gateway_reads_nothing_creates_nothing_and_never_exits(tmp
     checked = subprocess.run([sys.executable, "-m", "gateway", "check"], cwd=os.path.dirname(os.path.dirname(__file__)),
                              env=env, capture_output=True, text=True, timeout=60)
     assert checked.returncode == 2 and checked.stderr.count("\n") == 1 and "configuration error" in checked.stderr
+
+
+def test_a_list_of_recent_tasks_can_stop_at_the_newest_few():
+    """The live page polls every second: for a key with few tasks it reads
+    the newest documents of all keys only, never the whole list."""
+    import status
+    documents = [{"task_id": "t%d" % n, "state": "SUCCESS", "extensions": {"key": "alice" if n in (1, 7) else "bob"}}
+                 for n in range(10)]
+    pages = lambda: iter([documents[:4], documents[4:8], documents[8:]])  # noqa: E731
+    assert [d["task_id"] for d in status._pick_recent(pages(), 5, None, 60, "alice")] == ["t1", "t7"]
+    assert [d["task_id"] for d in status._pick_recent(pages(), 5, None, 60, "alice", newest=5)] == ["t1"]
