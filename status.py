@@ -39,6 +39,8 @@ import redis
 
 PENDING, RUNNING, SUCCESS, FAILED = "PENDING", "RUNNING", "SUCCESS", "FAILED"
 LIVE_STATES = (PENDING, RUNNING)
+# A streaming task's progress (README, "Live page"); its final document has the exact token counts instead.
+LIVE_ONLY_EXTENSIONS = ("tokens_so_far", "tokens_per_second")
 STATES = (PENDING, RUNNING, SUCCESS, FAILED)
 
 # The Redis store's own keys start with "_" after the prefix, which no task id
@@ -598,12 +600,15 @@ class Task:
             self.dirty = True
 
     def finish(self, state, stage, message, **extensions):
-        """Write the final document now. Only the first call counts."""
+        """Write the final document now. Only the first call counts. What
+        only a live task has (a stream's tokens so far) is left out of it."""
         with self.lock:
             if self.finished:
                 return
             self.finished = True
             self.state, self.stage, self.message = state, stage, message
+            for live_only in LIVE_ONLY_EXTENSIONS:
+                self.extensions.pop(live_only, None)
             self.extensions.update(extensions)
             self.board.put([self.document()])
 
