@@ -128,7 +128,7 @@ class Gateway:
                 return exchange.answer(200, {"status": "ok", "pid": os.getpid()})
             if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
                 return proxy(self, exchange)
-            if path == "/ui" and exchange.method == "GET":  # the page needs no key; all it shows does
+            if path in ("/ui", "/ui/") and exchange.method == "GET":  # the page needs no key; all it shows does
                 body, headers = self.live_page.html()
                 return exchange.answer(200, body, headers, content_type="text/html; charset=utf-8")
             exchange.key = check_api_key(self.config, exchange.environ)

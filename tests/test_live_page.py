@@ -162,6 +162,7 @@ def test_the_page_needs_no_key_and_what_it_shows_does(gw):
     assert policy["frame-ancestors"] == "'none'"
     assert all(source.startswith("'sha256-") for source in policy["script-src"].split())  # no inline script unhashed
     assert page.headers["X-Content-Type-Options"] == "nosniff"
+    assert gw.get("/ui/").text == page.text  # typed with a slash, the same page
     assert "http://" not in page.text.replace(gw.url, "") and "https://" not in page.text  # no asset from outside
     assert gw.get("/ui/state").status_code == 401
     assert gw.get("/ui/state", headers=as_key("sk-wrong")).status_code == 401
