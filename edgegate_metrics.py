@@ -23,7 +23,7 @@ class Metrics:
     """
 
     ROUTE_CLASSES = (("/v1/", "proxy"), ("/api/", "proxy"), ("/tasks/", "tasks"), ("/slots", "slots"),
-                     ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"))
+                     ("/metrics", "metrics"), ("/healthz", "health"), ("/readyz", "health"), ("/ui", "ui"))
 
     def __init__(self, directory, slots, enabled=True):
         self.slots = slots

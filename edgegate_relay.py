@@ -25,6 +25,19 @@ USAGE_RE = {
     "completion_tokens": re.compile(rb'"(?:completion_tokens|eval_count|output_tokens)"\s*:\s*(\d+)'),
 }
 TAIL_BYTES = 8192
+# What counts as one generated piece while a stream passes (README, "Live
+# page": tokens so far): an NDJSON line of Ollama's that is not the last
+# (``"done":false``, server/routes.go writes one per token; the cloud route's
+# translation writes ``"done": false``), an SSE ``data:`` event that is not
+# ``[DONE]`` (Ollama's OpenAI layer, openai/openai.go, sends one chunk per
+# token). An estimate while it runs; the exact count is read from the
+# answer's usage when it ends. Counted with bytes.count, about a microsecond
+# a chunk.
+PIECE_MARKS = {  # format: (what counts one, what takes one back)
+    "ndjson": ((b'"done":false', b'"done": false'), ()),
+    "sse": ((b"\ndata:",), (b"\ndata: [DONE]", b"\ndata:[DONE]")),
+}
+PIECE_CARRY = 24  # the longest marker above, less one: a marker split across two chunks is counted once
 CHUNK_BYTES = 65536
 _END = object()
 
@@ -49,7 +62,8 @@ class Relay:
     - ``relay_closed(complete, counts)``: gunicorn closed the body (PEP 3333:
       also when the client went away); a stream whose own end marker had
       passed was complete all the same;
-    - and, as it goes: ``first_byte_arrived()``, ``relayed(bytes so far)``,
+    - and, as it goes: ``first_byte_arrived()``, ``relayed(bytes so far,
+      pieces so far)``,
       ``writing(since)`` (gunicorn is writing a piece to the client since
       then, None once written: the watcher drops a client that stops
       reading), ``cut_client()`` (a sized answer cut short).
@@ -64,6 +78,7 @@ class Relay:
         self.translate = translate  # chunks -> chunks, the answer in the client's shape (cloud route)
         self.length = None if translate else _content_length(response)
         self.tail = b""  # the last bytes relayed: token counts and end markers are read from it
+        self.pieces = PieceCount(stream_format)
         self.stop = threading.Event()
         self._body = self._relay()
 
@@ -141,7 +156,7 @@ class Relay:
                 exchange.cut_client()
 
     def _passing(self, chunk, sent):
-        self.exchange.relayed(sent)
+        self.exchange.relayed(sent, self.pieces.add(chunk))
         self.tail = chunk[-TAIL_BYTES:] if len(chunk) >= TAIL_BYTES else (self.tail + chunk)[-TAIL_BYTES:]
 
     def _error_event(self, failure):
@@ -158,6 +173,29 @@ def sse_error_event(document):
     """An error document as a stream's last SSE event."""
     event = b"event: error\n" if document.get("type") == "error" else b""  # Anthropic names its events
     return event + b"data: " + json.dumps(document).encode() + b"\n\n"
+
+
+class PieceCount:
+    """Generated pieces (about one a token) counted as a stream passes, from
+    each chunk and the last few bytes of the one before: nothing is kept."""
+
+    def __init__(self, stream_format):
+        self.counts, self.takes_back = PIECE_MARKS.get(stream_format, ((), ()))
+        self.carry = b"\n"  # an SSE stream's first line starts a line too
+        self.count = 0
+
+    def add(self, chunk):
+        """The count with ``chunk``: a mark is counted in the chunk where it
+        ends (found in the carry and the chunk, but not in the carry alone)."""
+        if not self.counts:
+            return 0
+        seen, carry = self.carry + chunk, self.carry
+        for mark in self.counts:
+            self.count += seen.count(mark) - carry.count(mark)
+        for mark in self.takes_back:
+            self.count -= seen.count(mark) - carry.count(mark)
+        self.carry = seen[-PIECE_CARRY:]
+        return self.count
 
 
 def token_counts(tail):

@@ -46,7 +46,7 @@ class GpuSlots:
     uses meanwhile; a released one is kept for the next hold of that slot
     (one ``open`` and ``close`` less per request), never across a fork.
 
-    The holder record (JSON: pid, task id, path, since) is written over the
+    The holder record (JSON: pid, task id, path, since, key, model) is written over the
     file's start when the lock is taken, and left there when it goes: the
     kernel's lock table says whether the slot is held, and a record counts
     only when its pid is the lock's (``describe``).
@@ -170,7 +170,7 @@ class GpuSlots:
                 # A record left by an earlier holder, or none (flock(1)
                 # writes nothing): the kernel's pid stands alone then.
                 if record.get("pid") == pid:
-                    entry.update({k: record[k] for k in ("task_id", "path", "since", "key") if k in record})
+                    entry.update({k: record[k] for k in ("task_id", "path", "since", "key", "model") if k in record})
             slots.append(entry)
         return slots
 

@@ -18,7 +18,8 @@ meets it; each module it calls on has one job:
     3. the exchange        ``Exchange``: what a request holds, and its one
                            ending, ``Exchange.close``
     4. the watcher         a client that left, a DELETE, a slow reader
-    5. the own routes      /tasks, /slots, /readyz, /usage, /metrics
+    5. the own routes      /tasks, /slots, /readyz, /usage, /metrics, the
+                           live page /ui (edgegate_ui.py)
     6. entry points        ``app``, ``python -m gateway check`` and ``hold``
                            (edgegate_hold.py)
 
@@ -61,11 +62,12 @@ from edgegate_metrics import Metrics
 from edgegate_relay import Relay, sse_error_event, stream_format
 from edgegate_remote import RemoteModels
 from edgegate_slots import GpuSlots, QueueFull, wait_turn
-from edgegate_usage import (
-    NO_KEY, KnownModels, Quotas, Usage, day_of, day_start, open_usage, seconds_to_midnight, usage_report)
+from edgegate_ui import LivePage, LoadedModels, live_state
 from edgegate_upstream import (
     CONNECT_FAILURES, HOP_BY_HOP, Forward, Upstream, UpstreamCall, Upstreams, caused_by, forwarded_headers,
     give_model_its_lifetime, upstream_call_of_this_thread, upstream_error, upstream_target)
+from edgegate_usage import (
+    NO_KEY, KnownModels, Quotas, Usage, day_of, day_start, open_usage, seconds_to_midnight, usage_report)
 from status import FAILED, RUNNING, SUCCESS
 
 log = logging.getLogger("edgegate")
@@ -96,6 +98,8 @@ class Gateway:
         self.cloud = Upstream(config.openai_base_url, config.connect_timeout_s, config.read_timeout_s,
                               config.upstream_retries)
         self.metrics = Metrics(None, self.slots, enabled=False)  # until this process has started its own
+        self.live_page = LivePage()
+        self.loaded_models = LoadedModels(self.upstreams.all, (config.connect_timeout_s, 1.0))
         self._pid = None
         self._start_lock = threading.Lock()
 
@@ -145,6 +149,9 @@ class Gateway:
                 return exchange.answer(200, {"status": "ok", "pid": os.getpid()})
             if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
                 return proxy(self, exchange)
+            if path in ("/ui", "/ui/") and exchange.method == "GET":  # the page needs no key; all it shows does
+                body, headers = self.live_page.html()
+                return exchange.answer(200, body, headers, content_type="text/html; charset=utf-8")
             exchange.key = check_api_key(self.config, exchange.environ)
             if exchange.key is not None and exchange.key.scraper and path not in ("/metrics", "/readyz"):
                 raise GatewayError(403, "forbidden", "a metrics key (role 'metrics' in GATEWAY_API_KEYS) may read "
@@ -302,7 +309,9 @@ def take_slot(gateway, exchange):
     shared by every worker (``wait_in_line``), at most SLOT_WAIT_S. A client
     that leaves, or a DELETE, while the request waits ends the wait."""
     holder = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
-              "since": round(time.time(), 3)}
+              "since": round(time.time(), 3), "model": exchange.model}
+    if isinstance(exchange.model, str) and len(exchange.model) > 200:  # the record is read from its first 4 KiB
+        holder["model"] = exchange.model[:200] + "..."
     if exchange.key is not None:
         holder["key"] = exchange.key.name
     slots, config = gateway.slots, gateway.config
@@ -585,8 +594,9 @@ class RelayReport:
         exchange.gateway.metrics.first_byte(ttft)
         exchange.note(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
 
-    def relayed(self, bytes_so_far):
+    def relayed(self, bytes_so_far, pieces_so_far):
         self.exchange.bytes_out = bytes_so_far
+        self.exchange.progress.pieces = pieces_so_far
 
     def writing(self, since):
         self.exchange.writing_since = since
@@ -609,6 +619,27 @@ class RelayReport:
 
     def cut_client(self):
         cut_client(self.exchange)
+
+
+class Progress:
+    """Tokens so far of an answer that streams, and their rate, for the live
+    page (README, "Live page"): the relay counts the pieces as they pass
+    (edgegate_relay.PieceCount), and the watcher puts them in the task's
+    document at most once a second, in the batch it writes anyway."""
+
+    EVERY_S = 1.0
+
+    def __init__(self):
+        self.pieces = 0  # set by the relay's thread; read by the watcher's
+        self.told, self.told_at = 0, 0.0
+
+    def tell(self, task, first_byte_at, now):
+        pieces = self.pieces
+        if pieces == self.told or first_byte_at is None or now - self.told_at < self.EVERY_S:
+            return
+        self.told, self.told_at = pieces, now
+        elapsed = now - first_byte_at
+        task.set(tokens_so_far=pieces, tokens_per_second=round(pieces / elapsed, 1) if elapsed > 0 else None)
 
 
 class Exchange:
@@ -642,7 +673,7 @@ class Exchange:
         self.response = None  # the upstream's response
         # What its access line and metrics tell.
         self.upstream, self.provider = None, "ollama"  # where it was forwarded; who answers, named in errors
-        self.first_byte_at = None
+        self.first_byte_at, self.progress = None, Progress()  # the first byte back; tokens so far (live page)
         self.writing_since = None  # set while gunicorn writes a piece of the answer to the client
         self.status_code = None
         self.bytes_out = 0
@@ -955,8 +986,10 @@ class Watcher:
             exchanges = list(self.exchanges.values())
         if not exchanges:
             return
-        status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
         now = time.monotonic()
+        for exchange in exchanges:
+            exchange.progress.tell(exchange.task, exchange.first_byte_at, now)
+        status.flush_tasks(self.board, [e.task for e in exchanges], self.heartbeat_sec)
         for exchange in exchanges:
             since = exchange.writing_since
             if since is not None and now - since > self.client_send_timeout_s:
@@ -991,12 +1024,16 @@ def cancel(exchange):
 # ================================================================ 5. the gateway's own routes
 
 def own_route(gateway, exchange):
-    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /usage, /metrics."""
+    """/readyz, /slots, /tasks/status[/<id>], DELETE /tasks/<id>, /usage, /metrics, /ui/state."""
     path, method = exchange.path, exchange.method
     if path == "/readyz":
         return readyz(gateway, exchange)
     if path == "/slots" and method == "GET":
         return exchange.answer(200, seen_by(exchange.key, describe_slots(gateway)))
+    if path == "/ui/state" and method == "GET":
+        state = live_state(seen_by(exchange.key, describe_slots(gateway, with_upstream=True)), gateway.board,
+                           exchange.key, gateway.loaded_models.describe())
+        return exchange.answer(200, state, [("Cache-Control", "no-store")])
     if path == "/tasks/status" and method == "GET":
         return list_tasks(gateway, exchange)
     if path.startswith("/tasks/status/") and method == "GET":
@@ -1103,10 +1140,14 @@ def upstream_problem(gateway, upstream):
     return None
 
 
-def describe_slots(gateway):
+def describe_slots(gateway, with_upstream=False):
     """/slots: each slot (with several upstreams: its upstream, whether it is
-    up, and what its Ollama has loaded), and the line."""
+    up, and what its Ollama has loaded), and the line. ``with_upstream``:
+    each slot names its upstream even when there is one (the live page)."""
     slots = gateway.slots.describe()
+    if with_upstream and not gateway.upstreams.several:
+        for entry in slots:
+            entry["upstream"] = gateway.upstreams.all[0].base
     if gateway.upstreams.several:
         for entry, upstream in zip(slots, gateway.upstreams.choice.describe()):
             entry.update(upstream)

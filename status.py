@@ -39,6 +39,8 @@ import redis
 
 PENDING, RUNNING, SUCCESS, FAILED = "PENDING", "RUNNING", "SUCCESS", "FAILED"
 LIVE_STATES = (PENDING, RUNNING)
+# A streaming task's progress (README, "Live page"); its final document has the exact token counts instead.
+LIVE_ONLY_EXTENSIONS = ("tokens_so_far", "tokens_per_second")
 STATES = (PENDING, RUNNING, SUCCESS, FAILED)
 
 # The Redis store's own keys start with "_" after the prefix, which no task id
@@ -93,14 +95,20 @@ def seen_now(document, stale_after, now=None):
     return document
 
 
-def _pick_recent(pages, limit, state, stale_after, owner=None):
+def _pick_recent(pages, limit, state, stale_after, owner=None, newest=None):
     """Newest-first documents from ``pages`` (an iterator of lists of
     documents, newest first), filtered by ``state`` and by the key that made
-    them (``owner``, when given), at most ``limit``."""
+    them (``owner``, when given), at most ``limit``, among the ``newest``
+    documents only (when given: a page that polls must not read the whole
+    list for a key that has few tasks)."""
     items = []
     now = time.time()
+    looked_at = 0
     for page in pages:
         for document in page:
+            looked_at += 1
+            if newest is not None and looked_at > newest:
+                return items
             document = seen_now(document, stale_after, now)
             if owner is not None and document["extensions"].get("key") != owner:
                 continue
@@ -137,8 +145,9 @@ class TaskStore(abc.ABC):
         """The document kept as ``task_id`` (a store id), or None."""
 
     @abc.abstractmethod
-    def recent(self, limit, state=None, owner=None):
-        """Up to ``limit`` documents, newest first; of ``state`` and ``owner`` (a key name) if given."""
+    def recent(self, limit, state=None, owner=None, newest=None):
+        """Up to ``limit`` documents, newest first; of ``state`` and ``owner`` (a key name) if given;
+        among the ``newest`` documents only, if given."""
 
     @abc.abstractmethod
     def request_cancel(self, task_id):
@@ -275,7 +284,7 @@ return 1
             log.warning("task store (redis): moved the first release's %s to %s_first_release_%s",
                         old, self.prefix, name)
 
-    def recent(self, limit, state=None, owner=None):
+    def recent(self, limit, state=None, owner=None, newest=None):
         def pages(page_size=max(limit, 100)):
             start = 0
             while True:
@@ -290,7 +299,7 @@ return 1
                 yield [document for document in documents if document is not None]
                 start += page_size - len(gone)
 
-        return _pick_recent(pages(), limit, state, self.stale_after, owner)
+        return _pick_recent(pages(), limit, state, self.stale_after, owner, newest)
 
     def request_cancel(self, task_id):
         now = time.time()
@@ -451,7 +460,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         return seen_now(json.loads(row[0]), self.stale_after) if row else None
 
     @_one_at_a_time
-    def recent(self, limit, state=None, owner=None):
+    def recent(self, limit, state=None, owner=None, newest=None):
         db = self._connection()
 
         def pages(page_size=max(limit, 100)):
@@ -466,7 +475,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
                 yield [json.loads(r[0]) for r in rows]
                 offset += page_size
 
-        return _pick_recent(pages(), limit, state, self.stale_after, owner)
+        return _pick_recent(pages(), limit, state, self.stale_after, owner, newest)
 
     @_one_at_a_time
     def request_cancel(self, task_id):
@@ -591,8 +600,8 @@ class TaskBoard:
     def get(self, task_id):
         return self._asked(self.store.get, task_id)
 
-    def recent(self, limit, state=None, owner=None):
-        return self._asked(self.store.recent, limit, state, owner)
+    def recent(self, limit, state=None, owner=None, newest=None):
+        return self._asked(self.store.recent, limit, state, owner, newest)
 
     def request_cancel(self, task_id):
         return self._asked(self.store.request_cancel, task_id)
@@ -699,12 +708,15 @@ class Task:
 
     def finish(self, state, stage, message, then=None, **extensions):
         """Write the final document now, with ``then`` in the same round trip
-        (``TaskStore.put``). Only the first call counts."""
+        (``TaskStore.put``). Only the first call counts. What only a live
+        task has (a stream's tokens so far) is left out of it."""
         with self.lock:
             if self.finished:
                 return
             self.finished = True
             self.state, self.stage, self.message = state, stage, message
+            for live_only in LIVE_ONLY_EXTENSIONS:
+                self.extensions.pop(live_only, None)
             self.extensions.update(extensions)
             self.board.put([self.document()], then)
 

@@ -19,8 +19,9 @@ nginx's, LiteLLM's uvicorn workers; Redis for edgegate+redis), never the
 stub upstream's, except for "direct", which is the stub alone.
 
 Prints two markdown tables -- a summary per target with ratios against the
-empty app, ready for the README, and every measure in detail -- and writes
-bench/results.json. Requests per second need ``wrk`` (Debian: ``apt-get
+empty app, ready for the README, and every measure in detail -- writes
+bench/results.json, and draws the summary side by side in bench/results.png
+(bench/chart.py; needs matplotlib, the ``bench`` extra). Requests per second need ``wrk`` (Debian: ``apt-get
 install wrk``); nginx and LiteLLM are optional and their rows are skipped
 with a note when they are missing. LiteLLM is found by ``--litellm PATH``,
 by ``EDGEGATE_BENCH_LITELLM``, on PATH, or as an importable module; install
@@ -46,6 +47,8 @@ import tempfile
 import threading
 import time
 import urllib.request
+
+from chart import draw as draw_chart  # bench/chart.py; matplotlib is imported only to draw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "llama3.2"
@@ -744,6 +747,8 @@ def main():
     parser = argparse.ArgumentParser(description="edgegate benchmark")
     parser.add_argument("--quick", action="store_true", help="about a minute: fewer rounds, requests and rows")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
+    parser.add_argument("--chart", help="the summary drawn as a picture, .png or .svg (default: --out's name, .png);"
+                                        " needs matplotlib (pip install -e '.[bench]'); bench/chart.py redraws it")
     parser.add_argument("--no-engine", action="store_true", help="skip the real-engine rows")
     parser.add_argument("--litellm", metavar="PATH",
                         help="LiteLLM's `litellm` executable (else $EDGEGATE_BENCH_LITELLM, PATH, or the module)")
@@ -987,6 +992,11 @@ def main():
         "/".join("%.2f" % x for x in results["load_average_start"]),
         "/".join("%.2f" % x for x in results["load_average_end"]), ", ".join("%s %s" % p for p in phases)))
     print("written to %s (%d s)" % (os.path.relpath(args.out, ROOT), results["seconds"]))
+    try:
+        drawn = draw_chart(results, args.chart or os.path.splitext(args.out)[0] + ".png")
+        print("chart drawn to %s" % os.path.relpath(drawn, ROOT))
+    except ImportError:
+        print("no chart: matplotlib is not installed (pip install -e '.[bench]')")
 
 
 if __name__ == "__main__":

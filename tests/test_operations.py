@@ -177,6 +177,8 @@ def test_air_gapped_install_from_a_wheelhouse(tmp_path, stub):
     try:
         assert wait_until(lambda: _answers(gateway.url + "/healthz"), 15)
         assert requests.get(gateway.url + "/api/tags", timeout=5).json()["models"]
+        page = requests.get(gateway.url + "/ui", timeout=5)  # the live page's HTML came with the wheel
+        assert page.status_code == 200 and "edgegate: live" in page.text
         imported = subprocess.run([str(target / "bin" / "python"), "-c", "import gateway; print(gateway.__file__)"],
                                   cwd=tmp_path, capture_output=True, text=True, env=gateway.env)
         assert str(target) in imported.stdout  # served from the installed wheel, not the source tree

@@ -15,7 +15,7 @@ import edgegate_cloud  # noqa: E402
 import gateway  # noqa: E402
 from edgegate_body import ollama_runs_in_cloud  # noqa: E402
 from edgegate_config import Config, ConfigError, keep_alive_seconds  # noqa: E402
-from edgegate_relay import token_counts  # noqa: E402
+from edgegate_relay import PieceCount, token_counts  # noqa: E402
 from edgegate_upstream import ModelLifetimes  # noqa: E402
 
 
@@ -59,6 +59,10 @@ def test_own_routes_conform_to_pep_3333(validated):
     status, headers, body = call(validated, "/nowhere")
     assert status.startswith("404") and json.loads(body)["error"]["code"] == "not_found"
     assert call(validated, "/slots")[0] == "200 OK"
+    status, headers, body = call(validated, "/ui")
+    assert status == "200 OK" and headers["Content-Type"] == "text/html; charset=utf-8" and b"/ui/state" in body
+    status, _, body = call(validated, "/ui/state")  # its upstream does not answer: the page says so
+    assert status == "200 OK" and json.loads(body)["loaded"][0]["state"] == "down"
 
 
 def test_proxied_errors_conform_to_pep_3333(validated):
@@ -93,6 +97,20 @@ def test_token_counts_from_the_tail_of_each_shape():
     assert token_counts(sse) == {"prompt_tokens": 11, "completion_tokens": 22}
     assert token_counts(ndjson) == {"prompt_tokens": 5, "completion_tokens": 6}
     assert token_counts(b'{"content": "the word \\"eval_count\\": 3 in text"}') == {}
+
+
+def test_pieces_so_far_are_counted_once_however_the_stream_is_cut():
+    """The live page's tokens so far: one per NDJSON line not done, one per
+    SSE data event but [DONE], whatever chunks the answer comes in."""
+    sse = b"".join(b'data: {"choices": [{"delta": {"content": "w%d"}}]}\n\n' % n for n in range(5)) + b"data: [DONE]\n\n"
+    ndjson = b"".join(b'{"message": {"content": "w"}, "done":false}\n' for _ in range(4)) + \
+        b'{"done": true, "eval_count": 4}\n'
+    for answer, stream_format, pieces in ((sse, "sse", 5), (ndjson, "ndjson", 4)):
+        for size in (1, 2, 3, 7, 64, len(answer)):
+            count = PieceCount(stream_format)
+            counted = [count.add(answer[i:i + size]) for i in range(0, len(answer), size)]
+            assert counted[-1] == pieces, (stream_format, size)
+    assert PieceCount(None).add(sse) == 0  # a whole answer is not counted as it passes
 
 
 def test_cloud_stream_translation_survives_any_chunking():
@@ -186,3 +204,12 @@ def test_the_defaults_wait_their_turn_as_on_ollama(tmp_path):
     assert config(UPSTREAM_READ_TIMEOUT_S="600").slot_wait_s == 600.0
     assert config(SLOT_WAIT_S="0", THREADS="8").slot_wait_s == 0.0
     assert config(THREADS="8").queue_max == 8
+def test_a_list_of_recent_tasks_can_stop_at_the_newest_few():
+    """The live page polls every second: for a key with few tasks it reads
+    the newest documents of all keys only, never the whole list."""
+    import status
+    documents = [{"task_id": "t%d" % n, "state": "SUCCESS", "extensions": {"key": "alice" if n in (1, 7) else "bob"}}
+                 for n in range(10)]
+    pages = lambda: iter([documents[:4], documents[4:8], documents[8:]])  # noqa: E731
+    assert [d["task_id"] for d in status._pick_recent(pages(), 5, None, 60, "alice")] == ["t1", "t7"]
+    assert [d["task_id"] for d in status._pick_recent(pages(), 5, None, 60, "alice", newest=5)] == ["t1"]
