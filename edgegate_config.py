@@ -220,6 +220,7 @@ class Config:
     default_model: str
     model_aliases: tuple
     max_body_bytes: int
+    batch_max_file_bytes: int
     api_keys: tuple
     allow_management: bool
     allow_ollama_cloud: bool
@@ -271,6 +272,7 @@ class Config:
             default_model=_text(env, "DEFAULT_MODEL"),
             model_aliases=tuple(a.strip() for a in _text(env, "MODEL_ALIASES", "ollama,local").split(",") if a.strip()),
             max_body_bytes=_number(env, "MAX_BODY_BYTES", 64 * 1024 * 1024, int, 1),
+            batch_max_file_bytes=_number(env, "BATCH_MAX_FILE_BYTES", 200 * 1000 * 1000, int, 1),  # an upload
             api_keys=_api_keys(env),
             allow_management=_flag(env, "ALLOW_MANAGEMENT"),
             allow_ollama_cloud=_flag(env, "ALLOW_OLLAMA_CLOUD"),

@@ -25,6 +25,7 @@ class Metrics:
 
     def __init__(self, directory, slots):
         self.slots = slots
+        self.batch_counts = None  # () -> {status: batches}, set by the gateway (edgegate_batch.Batches)
         self.directory = directory
         self.enabled = False
         try:
@@ -60,6 +61,9 @@ class Metrics:
                                          ["reason"], **own)
         self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
                                        multiprocess_mode="livesum", **own)
+        self.batch_items = prom.Counter("edgegate_batch_items_total", "Batch items ended, by endpoint and outcome "
+                                        "(succeeded, failed, invalid, expired, cancelled)", ["endpoint", "outcome"],
+                                        **own)
         self.enabled = True
 
     def request_answered(self, path, status_code, key=None):
@@ -103,6 +107,10 @@ class Metrics:
         if self.enabled:
             self.load_calls.inc()
 
+    def batch_item(self, endpoint, outcome):
+        if self.enabled:
+            self.batch_items.labels(endpoint, outcome).inc()
+
     def stream_opened(self):
         if self.enabled:
             self.open_streams.inc()
@@ -121,7 +129,14 @@ class Metrics:
         slots.add_metric(["free"], len(self.slots.paths) - held)
         waiting = self.GaugeMetricFamily("edgegate_queue_length", "Waiters in the GPU line now (all workers, "
                                          "and python -m gateway hold)", value=len(self.slots.line.describe()))
-        registry.register(ScrapeTimeFamilies([slots, waiting]))
+        families = [slots, waiting]
+        if self.batch_counts is not None:
+            batches = self.GaugeMetricFamily("edgegate_batches", "Batches by status (OpenAI's statuses; Anthropic's "
+                                             "batches as the same)", labels=["status"])
+            for status, count in sorted(self.batch_counts().items()):
+                batches.add_metric([status], count)
+            families.append(batches)
+        registry.register(ScrapeTimeFamilies(families))
         return self.prom.generate_latest(registry)
 
 

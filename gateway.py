@@ -49,6 +49,8 @@ import uuid
 import requests
 
 import status
+from edgegate_batch import BATCH_ITEM, Batches
+from edgegate_batch_api import batch_route, is_batch_route
 from edgegate_body import read_request
 from edgegate_cloud import cloud_forward
 from edgegate_config import KEY_NAME_RE, load_config
@@ -97,6 +99,9 @@ class Gateway:
             self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
             self.board = status.TaskBoard(status.open_store(self.config), on_failure=self.metrics.store_failed)
             self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
+            self.batches = Batches(self.config, self, self.metrics)  # README, "Batches"
+            self.metrics.batch_counts = self.batches.counts_by_status
+            self.batches.runner.start()
             self._pid = os.getpid()
 
     def __call__(self, environ, start_response):
@@ -124,7 +129,10 @@ class Gateway:
                 return exchange.answer(200, {"status": "ok", "pid": os.getpid()})
             if path == "/" and exchange.method in ("GET", "HEAD"):  # "Ollama is running": clients check it first
                 return proxy(self, exchange)
-            exchange.key = check_api_key(self.config, exchange.environ)
+            # A batch item runs as the key that made its batch (edgegate_batch.run_item).
+            exchange.key = exchange.batch.key if exchange.batch else check_api_key(self.config, exchange.environ)
+            if is_batch_route(path):  # files and batches: answered here, never forwarded
+                return batch_route(self, exchange)
             if path.startswith(("/v1/", "/api/", "//")):  # "//api/pull" is refused as a spelling, not a 404
                 return proxy(self, exchange)
             return own_route(self, exchange)
@@ -248,9 +256,11 @@ def take_slot(gateway, exchange):
               "since": round(time.time(), 3)}
     if exchange.key is not None:
         holder["key"] = exchange.key.name
+    if exchange.batch is not None:  # it waits behind every interactive request (README, "Batches")
+        holder["batch"] = exchange.batch.batch_id
     slots, config = gateway.slots, gateway.config
     gateway.upstreams.look()  # what each Ollama has loaded, if not known from the last few seconds
-    if config.slot_wait_s > 0:
+    if config.slot_wait_s > 0 or exchange.batch is not None:
         wait_in_line(gateway, exchange, holder)
     else:
         slots.try_take(holder, {"model": exchange.model}, exchange.own_slot)
@@ -269,12 +279,14 @@ def wait_in_line(gateway, exchange, holder):
     """The slot at once when nobody waits and one is free; else a place at
     the end of the line until this request's turn comes, SLOT_WAIT_S runs
     out, or the client leaves or a DELETE comes. QUEUE_MAX waiters already:
-    503 ``gpu_busy`` at once, saying so."""
+    503 ``gpu_busy`` at once, saying so. A batch item waits as long as it
+    takes, behind every interactive request, and is never refused."""
     config, slots = gateway.config, gateway.slots
     key = exchange.key.name if exchange.key else None  # its name (README, "Keys and their tasks"), never the key
     place = dict(holder, model=exchange.model, key=key)
     try:
-        slot, ticket = slots.line.join(place, holder, slots, exchange.own_slot, bound=config.queue_max)
+        slot, ticket = slots.line.join(place, holder, slots, exchange.own_slot,
+                                       bound=None if exchange.batch else config.queue_max)
     except QueueFull as full:
         gateway.metrics.gpu_refused("queue_full")
         retry_after = slots.retry_after(full.waiting, config.retry_after_s)
@@ -289,7 +301,8 @@ def wait_in_line(gateway, exchange, holder):
         exchange.call.attach(ticket)  # a hang-up or DELETE shuts the ticket's socket (UpstreamCall.abort): we wake
         if exchange.stream and exchange.path.startswith("/v1/"):
             stream = QueuedStream(exchange)
-        wait_turn(slots, ticket, holder, exchange.own_slot, joined + config.slot_wait_s,
+        deadline = None if exchange.batch else joined + config.slot_wait_s  # a batch item waits its turn
+        wait_turn(slots, ticket, holder, exchange.own_slot, deadline,
                   moved=lambda position: moved_up(gateway, exchange, stream, position),
                   stopped=lambda: exchange.call.reason is not None)
     except ConnectionAbortedError:  # the client left before the wait began
@@ -543,6 +556,7 @@ class Exchange:
         self.client_socket = environ.get("gunicorn.socket")
         self.cors_origin = None  # the request's Origin, when CORS_ORIGINS allows it
         self.key = None  # the ApiKey the request came with (keys on)
+        self.batch = environ.get(BATCH_ITEM)  # a batch item's BatchItemMark (edgegate_batch.run_item), else None
         self.task_id = None  # the X-Task-Id of a proxied request
         self.model, self.stream = None, False  # as read from its body
         # What it holds; each is let go by close().
@@ -569,6 +583,8 @@ class Exchange:
         task = status.Task(self.gateway.board, self.task_id, self.gateway.config.algorithm_id, self.method,
                            self.path, owner=self.key.name if self.key else None)
         task.extensions.update(model=self.model, stream=self.stream)
+        if self.batch is not None:
+            task.extensions["batch"] = self.batch.batch_id
         if not task.claim():
             raise GatewayError(409, "task_id_in_use", "task %s is still pending or running" % self.task_id)
         self.task = task

@@ -7,7 +7,7 @@ setup(
                 "keep_alive default, task status, one error envelope.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    py_modules=["gateway", "status", "edgegate_body", "edgegate_cloud", "edgegate_config", "edgegate_errors",
+    py_modules=["gateway", "status", "edgegate_batch", "edgegate_batch_api", "edgegate_body", "edgegate_cloud", "edgegate_config", "edgegate_errors",
                 "edgegate_hold", "edgegate_metrics", "edgegate_relay", "edgegate_slots", "edgegate_upstream",
                 "edgegate_worker"],
     python_requires=">=3.9",
