@@ -654,6 +654,15 @@ def anthropic_line(outcome):
     return {"custom_id": outcome.get("custom_id"), "result": result}
 
 
+def passing_failure(outcome):
+    """An answer that may well be different in a while: the upstream or the
+    store unreachable, a timeout -- but not a cancel by DELETE of the item's task."""
+    body = outcome.get("body")
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return outcome.get("status_code") in (502, 503, 504) and code != "cancelled"
+
+
 def succeeded(outcome):
     return outcome.get("status_code", 0) // 100 == 2
 
@@ -708,28 +717,26 @@ class Work:
     def __init__(self, batch):
         self.batch = batch
         self.pending = collections.deque()  # (line, custom_id, path, body)
+        self.tries = {}  # line -> tries so far
+
+
+POLL_S = 1.0  # how often a runner without the lock tries it, and an idle one looks for batches
 
 
 class BatchRunner:
-    """Runs batches, one item at a time, in one worker of the whole server.
+    """Runs batches in one worker of the whole server.
 
     Every worker has this thread; the one that holds the flock on
-    ``STATE_DIR/batch/runner.lock`` runs, the others try again every
-    POLL_S. The kernel frees the lock when its holder dies (a restart, a
-    ``kill -9``), so another worker's runner takes over within POLL_S and
-    picks the batch up from the store: lines with an outcome are done, the
-    others run (one cut off mid-run runs again). Each turn runs one item of
-    the batch whose key was served least recently, so that several batches
-    take turns between keys."""
-
-    POLL_S = 1.0
+    ``STATE_DIR/batch/runner.lock`` runs (``BatchTurns``), the others try
+    again every POLL_S. The kernel frees the lock when its holder dies (a
+    restart, a ``kill -9``), so another worker's runner takes over within
+    POLL_S and picks the batch up from the store: lines with an outcome are
+    done, the others run (one cut off mid-run runs again)."""
 
     def __init__(self, batches, gateway):
-        self.batches, self.gateway = batches, gateway
         self.lock_path = os.path.join(batches.config.state_dir, "batch", "runner.lock")
         self.wakeup = threading.Event()
-        self.work = {}  # batch id -> Work
-        self.served = {}  # owner -> time.monotonic() of its last item
+        self.turns = BatchTurns(batches, gateway)
         self.thread = None
 
     def start(self):
@@ -747,7 +754,7 @@ class BatchRunner:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                time.sleep(self.POLL_S)
+                time.sleep(POLL_S)
                 continue
             try:
                 log.info("batch runner: this worker (pid %d) runs the batches", os.getpid())
@@ -758,13 +765,26 @@ class BatchRunner:
     def _hold(self):
         while True:
             try:
-                if not self.turn():
-                    self.wakeup.wait(self.POLL_S)
+                if not self.turns.turn():
+                    self.wakeup.wait(POLL_S)
                     self.wakeup.clear()
             except Exception:  # the store down, a full disk: the work is rebuilt from the store
                 log.exception("batch runner: a turn failed; trying again")
-                self.work.clear()
-                time.sleep(2 * self.POLL_S)
+                self.turns.work.clear()
+                time.sleep(2 * POLL_S)
+
+
+class BatchTurns:
+    """The holder's work: each turn advances one batch by one step (checks
+    it, runs one item, or ends it), the batch whose key was served least
+    recently, so that several batches take turns between keys."""
+
+    TRIES = 3  # an item that meets a passing failure (502, 503, 504) is tried this often before it counts
+
+    def __init__(self, batches, gateway):
+        self.batches, self.gateway = batches, gateway
+        self.work = {}  # batch id -> Work
+        self.served = {}  # owner -> time.monotonic() of its last item
 
     def turn(self):
         """Advance the next batch by one step; False when there is none."""
@@ -784,6 +804,9 @@ class BatchRunner:
         if work is None:
             work = self.work[batch["id"]] = self.prepare(batch)
         batch = work.batch
+        if batch["status"] == "failed":
+            self.work.pop(batch["id"], None)
+            return
         if store.cancel_asked(batch["id"]) is not None:
             return self.end(work, "cancelled")
         if now >= batch["expires_at"]:
@@ -792,6 +815,13 @@ class BatchRunner:
             return self.end(work, "completed")
         line, custom_id, path, body = work.pending.popleft()
         outcome = run_item(self.gateway, self.batches, batch, line, custom_id, path, body)
+        tries = work.tries[line] = work.tries.get(line, 0) + 1
+        if passing_failure(outcome) and tries < self.TRIES:  # Ollama restarting, say: try it again in a while
+            log.warning("batch %s line %d: %s (try %d of %d)", batch["id"], line, outcome["status_code"], tries,
+                        self.TRIES)
+            work.pending.appendleft((line, custom_id, path, body))
+            time.sleep(POLL_S * tries)
+            return
         self.keep(work, line, outcome)
         store.save(batch)
 
@@ -802,7 +832,12 @@ class BatchRunner:
         store, config = self.batches.store, self.batches.config
         done = store.done_lines(batch["id"])
         seen, total = set(), 0
-        with open(self.batches.files.path(batch["input_file_id"]), "rb") as f:
+        try:
+            f = open(self.batches.files.path(batch["input_file_id"]), "rb")
+        except FileNotFoundError:
+            return self.fail(work, "file_not_found", "the input file %s was deleted before the batch ran"
+                             % batch["input_file_id"])
+        with f:
             for line, raw in enumerate(_lines(f), 1):
                 total += 1
                 try:
@@ -823,6 +858,15 @@ class BatchRunner:
         if batch["status"] == "validating":
             batch.update(status="in_progress", in_progress_at=now_s())
         store.save(batch)
+        return work
+
+    def fail(self, work, code, message):
+        """The batch cannot run at all: ``failed``, saying why (OpenAI's ``errors``)."""
+        batch = work.batch
+        batch.update(status="failed", failed_at=now_s(), ended_at=now_s(),
+                     errors={"object": "list", "data": [{"code": code, "message": message, "line": None,
+                                                         "param": None}]})
+        self.batches.store.save(batch)
         return work
 
     def keep(self, work, line, outcome):

@@ -158,7 +158,7 @@ def openai_batch(batch, cancel_asked):
     counts = batch.get("counts") or {"total": batch.get("total", 0), "succeeded": 0, "failed": 0, "expired": 0}
     status = shown_status(batch, cancel_asked)
     return {
-        "id": batch["id"], "object": "batch", "endpoint": batch["endpoint"], "errors": None,
+        "id": batch["id"], "object": "batch", "endpoint": batch["endpoint"], "errors": batch.get("errors"),
         "input_file_id": batch["input_file_id"], "completion_window": batch["completion_window"], "status": status,
         "output_file_id": batch.get("output_file_id"), "error_file_id": batch.get("error_file_id"),
         "created_at": batch["created_at"], "in_progress_at": batch.get("in_progress_at"),

@@ -104,6 +104,12 @@ class Gateway:
             self.batches.runner.start()
             self._pid = os.getpid()
 
+    def start_here(self):
+        """Start this worker's services now (gunicorn.conf.py, ``post_worker_init``):
+        the batch runner must not wait for a first request after a restart."""
+        if self._pid != os.getpid():
+            self._start_in_this_process()
+
     def __call__(self, environ, start_response):
         if self._pid != os.getpid():
             self._start_in_this_process()
@@ -582,9 +588,8 @@ class Exchange:
             self.model, self.stream = request.model, request.stream
         task = status.Task(self.gateway.board, self.task_id, self.gateway.config.algorithm_id, self.method,
                            self.path, owner=self.key.name if self.key else None)
-        task.extensions.update(model=self.model, stream=self.stream)
-        if self.batch is not None:
-            task.extensions["batch"] = self.batch.batch_id
+        batch = {"batch": self.batch.batch_id} if self.batch else {}  # an item names its batch
+        task.extensions.update(model=self.model, stream=self.stream, **batch)
         if not task.claim():
             raise GatewayError(409, "task_id_in_use", "task %s is still pending or running" % self.task_id)
         self.task = task

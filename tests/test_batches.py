@@ -269,6 +269,7 @@ def test_a_killed_worker_mid_item_loses_nothing_and_runs_nothing_twice_to_comple
         lambda: any(s.get("batch") == batch.id for s in gw.slots()), 5, 0.01) else None
     assert holder, "no batch item held the slot"
     os.kill(holder["pid"], signal.SIGKILL)  # the worker that runs the item dies mid-item
+    client = openai.OpenAI(base_url=gw.url + "/v1/", api_key="x", max_retries=3)  # its pooled connections died too
     batch = wait_batch(client, batch.id, timeout=40)
     assert batch.status == "completed" and batch.request_counts.completed == 8
     assert len(custom_ids_once(client, batch)) == 8
@@ -310,3 +311,103 @@ def test_a_batch_past_its_window_expires_and_keeps_what_finished(gw, stub):
     expired = output_lines(client, batch.error_file_id)
     assert len(done) + len(expired) == 20 and done and expired
     assert {line["error"]["code"] for line in expired} == {"batch_expired"}
+
+
+# ---------------------------------------------------------------- interactive first, fair between keys
+
+
+def test_a_waiting_batch_item_lets_a_later_interactive_request_go_first(gw, stub):
+    """The slot is held by an interactive request; a batch item waits in
+    line; an interactive request that comes after it is served before it."""
+    client = client_of(gw)
+    holder = threading.Thread(target=lambda: gw.post(
+        "/v1/chat/completions", json={"model": "llama3.2", "messages": [{"role": "user", "content": "first"}]},
+        headers={"X-Stub": "delay=1"}, timeout=10))
+    holder.start()
+    assert wait_until(lambda: gw.slots()[0]["state"] == "held", 5, 0.01)
+    batch = submit(client, chat_lines(2))
+    assert wait_until(lambda: any(w.get("batch") == batch.id for w in gw.get("/slots").json()["queue"]), 5, 0.01)
+    later = gw.post("/v1/chat/completions", json={"model": "llama3.2",
+                                                  "messages": [{"role": "user", "content": "later"}]}, timeout=10)
+    assert later.status_code == 200
+    holder.join()
+    wait_batch(client, batch.id)
+    order = [r.json()["messages"][0]["content"] for r in stub.requests_to("/v1/chat/completions")]
+    assert order[:2] == ["first", "later"] and sorted(order[2:]) == ["item 0", "item 1"], order
+
+
+def test_batches_of_two_keys_take_turns(start_gateway, tmp_path, stub):
+    keys = tmp_path / "keys"
+    keys.write_text("sk-alice alice\nsk-bob bob\n")
+    gateway = start_gateway(GATEWAY_API_KEYS="@" + str(keys), SLOT_WAIT_S="30", WORKERS="1")
+    stub.defaults = {"delay": "0.2"}
+    alice, bob = client_of(gateway, "sk-alice"), client_of(gateway, "sk-bob")
+    first = submit(alice, [dict(line, body=dict(line["body"], messages=[{"role": "user", "content": "alice"}]))
+                           for line in chat_lines(6)])
+    second = submit(bob, [dict(line, body=dict(line["body"], messages=[{"role": "user", "content": "bob"}]))
+                          for line in chat_lines(3)])
+    wait_batch(alice, first.id)
+    wait_batch(bob, second.id)
+    order = [r.json()["messages"][0]["content"] for r in stub.requests_to("/v1/chat/completions")]
+    # bob's three come in turns with alice's, not after all six of hers
+    assert order.index("bob") <= 2 and len(order) - 1 - order[::-1].index("bob") <= 6, order
+
+
+# ---------------------------------------------------------------- the other store, and memory
+
+
+def test_a_batch_on_the_redis_store_completes(start_gateway, redis_server, stub):
+    gateway = start_gateway(REDIS_URL=redis_server.url, SLOT_WAIT_S="30", WORKERS="1")
+    client = client_of(gateway)
+    batch = wait_batch(client, submit(client, chat_lines(4)).id)
+    assert batch.status == "completed" and len(custom_ids_once(client, batch)) == 4
+    keys = {k.decode() for k in redis_server.client().keys("ts:ollama:_batch*")}
+    assert "ts:ollama:_batch:" + batch.id in keys and "ts:ollama:_batch_out:" + batch.id in keys
+
+
+class LazyBody:
+    """A request body made as it is read (``wsgi.input``), never whole in memory."""
+
+    def __init__(self, head, line, count, tail):
+        self.parts = [head] + [line] * count + [tail]
+        self.pending = b""
+
+    def read(self, size=-1):
+        while len(self.pending) < size and self.parts:
+            self.pending += b"".join(self.parts[:2000])
+            del self.parts[:2000]
+        piece, self.pending = self.pending[:size], self.pending[size:]
+        return piece
+
+
+def test_an_upload_streams_to_disk_without_being_held_in_memory(tmp_path):
+    import tracemalloc
+    from edgegate_batch import BatchFiles, read_upload
+    request = chat_lines(1)[0]
+    request["body"]["messages"][0]["content"] = "x" * 1400
+    line = json.dumps(request).encode() + b"\n"
+    count = 60 * 1000 * 1000 // len(line)  # 60 MB in 40,000 lines
+    head = (b'--XyZ\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+            b'Content-Type: application/jsonl\r\n\r\n')
+    environ = {"CONTENT_TYPE": "multipart/form-data; boundary=XyZ",
+               "wsgi.input": LazyBody(head, line, count, b"\r\n--XyZ--\r\n")}
+    tracemalloc.start()
+    purpose, filename, written = read_upload(environ, BatchFiles(str(tmp_path)), 200 * 1000 * 1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (purpose, filename) == ("batch", "big.jsonl")
+    assert os.path.getsize(written) == len(line) * count
+    assert peak < 8 * 1024 * 1024, peak  # pieces, never the 60 MB
+
+
+def test_a_batch_upload_may_be_larger_than_max_body_bytes(start_gateway):
+    gateway = start_gateway(MAX_BODY_BYTES="1000000", WORKERS="1")
+    line = json.dumps(chat_lines(1)[0]).encode() + b"\n"
+    body = line * (3 * 1000 * 1000 // len(line))
+    uploaded = client_of(gateway).files.create(file=("big.jsonl", body), purpose="batch")
+    assert uploaded.bytes == len(body)
+    with open(os.path.join(gateway.state_dir, "batch", "files", uploaded.id), "rb") as f:
+        assert f.read() == body
+    answer = gateway.post("/v1/chat/completions", data=b"x" * 1000001)  # other routes keep MAX_BODY_BYTES
+    assert answer.status_code == 413
