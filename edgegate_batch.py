@@ -712,12 +712,26 @@ def shown_status(batch, cancel_asked):
 
 class Work:
     """The runner's view of one batch it works on: which lines may run, in
-    order, and the counts so far (rebuilt from the store on a takeover)."""
+    order, and the counts so far (rebuilt from the store on a takeover).
+    A pending line is where it stands in the input file, read again when it
+    runs: a batch of 200 MB is never held in memory. The file stays open
+    while the batch runs, so that a DELETE of it does not stop the batch."""
 
     def __init__(self, batch):
         self.batch = batch
-        self.pending = collections.deque()  # (line, custom_id, path, body)
+        self.input = None  # the input file, open
+        self.pending = collections.deque()  # (line, custom_id, offset, length) in the input file
         self.tries = {}  # line -> tries so far
+
+    def request_of(self, offset, length, config):
+        """(path, body) of the pending line at ``offset``, checked as when it was read."""
+        self.input.seek(offset)
+        _, path, body = item_request(self.batch, self.input.read(length).rstrip(b"\r\n"), set(), config)
+        return path, body
+
+    def close(self):
+        if self.input is not None:
+            self.input.close()
 
 
 POLL_S = 1.0  # how often a runner without the lock tries it, and an idle one looks for batches
@@ -770,7 +784,7 @@ class BatchRunner:
                     self.wakeup.clear()
             except Exception:  # the store down, a full disk: the work is rebuilt from the store
                 log.exception("batch runner: a turn failed; trying again")
-                self.turns.work.clear()
+                self.turns.forget()
                 time.sleep(2 * POLL_S)
 
 
@@ -791,7 +805,7 @@ class BatchTurns:
         store = self.batches.store
         live = [b for b in store.all() if b["status"] not in ENDED]
         if not live:
-            self.work.clear()
+            self.forget()
             return False
         live.sort(key=lambda b: (self.served.get(b["owner"], 0.0), b["created_at"]))
         self.advance(live[0])
@@ -805,21 +819,21 @@ class BatchTurns:
             work = self.work[batch["id"]] = self.prepare(batch)
         batch = work.batch
         if batch["status"] == "failed":
-            self.work.pop(batch["id"], None)
-            return
+            return self.forget(batch["id"])
         if store.cancel_asked(batch["id"]) is not None:
             return self.end(work, "cancelled")
         if now >= batch["expires_at"]:
             return self.end(work, "expired")
         if not work.pending:
             return self.end(work, "completed")
-        line, custom_id, path, body = work.pending.popleft()
+        line, custom_id, offset, length = work.pending.popleft()
+        path, body = work.request_of(offset, length, self.batches.config)
         outcome = run_item(self.gateway, self.batches, batch, line, custom_id, path, body)
         tries = work.tries[line] = work.tries.get(line, 0) + 1
         if passing_failure(outcome) and tries < self.TRIES:  # Ollama restarting, say: try it again in a while
             log.warning("batch %s line %d: %s (try %d of %d)", batch["id"], line, outcome["status_code"], tries,
                         self.TRIES)
-            work.pending.appendleft((line, custom_id, path, body))
+            work.pending.appendleft((line, custom_id, offset, length))
             time.sleep(POLL_S * tries)
             return
         self.keep(work, line, outcome)
@@ -833,24 +847,23 @@ class BatchTurns:
         done = store.done_lines(batch["id"])
         seen, total = set(), 0
         try:
-            f = open(self.batches.files.path(batch["input_file_id"]), "rb")
+            work.input = open(self.batches.files.path(batch["input_file_id"]), "rb")
         except FileNotFoundError:
             return self.fail(work, "file_not_found", "the input file %s was deleted before the batch ran"
                              % batch["input_file_id"])
-        with f:
-            for line, raw in enumerate(_lines(f), 1):
-                total += 1
-                try:
-                    custom_id, path, body = item_request(batch, raw, seen, config)
-                except LineError as error:
-                    if line not in done:
-                        outcome = {"custom_id": _custom_id_of(raw), "item_id": "%s.%d" % (batch["id"], line),
-                                   "code": error.code, "message": error.message}
-                        self.keep(work, line, outcome)
-                    continue
-                batch.setdefault("model", json.loads(body).get("model"))
+        for line, (offset, raw) in enumerate(_lines(work.input), 1):
+            total += 1
+            try:
+                custom_id, _, body = item_request(batch, raw, seen, config)
+            except LineError as error:
                 if line not in done:
-                    work.pending.append((line, custom_id, path, body))
+                    outcome = {"custom_id": _custom_id_of(raw), "item_id": "%s.%d" % (batch["id"], line),
+                               "code": error.code, "message": error.message}
+                    self.keep(work, line, outcome)
+                continue
+            batch.setdefault("model", json.loads(body).get("model"))
+            if line not in done:
+                work.pending.append((line, custom_id, offset, len(raw)))
         counts = {"total": total, "succeeded": 0, "failed": 0, "expired": 0, "cancelled": 0}
         for text in store.outcomes(batch["id"]).values():
             counts[_count_of(json.loads(text))] += 1
@@ -867,6 +880,7 @@ class BatchTurns:
                      errors={"object": "list", "data": [{"code": code, "message": message, "line": None,
                                                          "param": None}]})
         self.batches.store.save(batch)
+        work.close()
         return work
 
     def keep(self, work, line, outcome):
@@ -897,15 +911,24 @@ class BatchTurns:
         batch.update(status=status, ended_at=now_s())
         batch[{"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}[status]] = now_s()
         store.save(batch)
-        self.work.pop(batch["id"], None)
+        self.forget(batch["id"])
         log.info("batch %s %s: %s", batch["id"], status, batch["counts"])
+
+    def forget(self, batch_id=None):
+        """Let go of one batch's work (its input file), or of all."""
+        for known in [batch_id] if batch_id else list(self.work):
+            work = self.work.pop(known, None)
+            if work is not None:
+                work.close()
 
 
 def _lines(f):
-    """The non-blank lines of an input file, one at a time."""
+    """(offset, line) of each non-blank line of an input file, one at a time."""
+    offset = 0
     for raw in f:
         if raw.strip():
-            yield raw.rstrip(b"\r\n")
+            yield offset, raw.rstrip(b"\r\n")
+        offset += len(raw)
 
 
 def _custom_id_of(raw):
@@ -924,25 +947,29 @@ def _count_of(outcome):
 
 def write_results(batches, batch, outcomes):
     """The result files of an ended batch, made from the kept outcomes in
-    line order, so each line appears once. Their ids are fixed by the
-    batch's, so that a runner that dies while writing them writes the same
-    files again."""
-    ordered = [json.loads(outcomes[line]) for line in sorted(outcomes)]
-    name = lambda part: "file-" + uuid.uuid5(uuid.NAMESPACE_URL, batch["id"] + "/" + part).hex[:24]  # noqa: E731
-    files, owner = batches.files, batch["owner"]
+    line order, so each line appears once; each outcome is parsed as it is
+    written, never all at once. Their ids are fixed by the batch's, so that
+    a runner that dies while writing them writes the same files again."""
+    def lines(shape, wanted):
+        for line in sorted(outcomes):
+            outcome = json.loads(outcomes[line])
+            if wanted(outcome):
+                yield json.dumps(shape(outcome)).encode() + b"\n"
+
+    def add(part, purpose, shape, wanted):
+        file_id = "file-" + uuid.uuid5(uuid.NAMESPACE_URL, batch["id"] + "/" + part).hex[:24]
+        return batches.files.add(lines(shape, wanted), batch["owner"], purpose, "%s_%s.jsonl" % (batch["id"], part),
+                                 file_id)["id"]
+
     if batch["kind"] == "anthropic":
-        results = (json.dumps(anthropic_line(o)).encode() + b"\n" for o in ordered)
-        batch["results_file_id"] = files.add(results, owner, "anthropic_results", batch["id"] + "_results.jsonl",
-                                             name("results"))["id"]
+        batch["results_file_id"] = add("results", "anthropic_results", anthropic_line, lambda o: True)
         return
-    good = [o for o in ordered if succeeded(o)]
-    bad = [o for o in ordered if not succeeded(o) and (o.get("code") != "batch_cancelled")]
-    if good:
-        batch["output_file_id"] = files.add((json.dumps(openai_line(o)).encode() + b"\n" for o in good), owner,
-                                            "batch_output", batch["id"] + "_output.jsonl", name("output"))["id"]
-    if bad:
-        batch["error_file_id"] = files.add((json.dumps(openai_line(o)).encode() + b"\n" for o in bad), owner,
-                                           "batch_output", batch["id"] + "_error.jsonl", name("error"))["id"]
+    counts = batch["counts"]
+    if counts["succeeded"]:
+        batch["output_file_id"] = add("output", "batch_output", openai_line, succeeded)
+    if counts["failed"] + counts["expired"]:  # OpenAI's error file does not list the lines a cancel skipped
+        batch["error_file_id"] = add("error", "batch_output", openai_line,
+                                     lambda o: not succeeded(o) and o.get("code") != "batch_cancelled")
 
 
 def run_item(gateway, batches, batch, line, custom_id, path, body):

@@ -304,7 +304,7 @@ def test_a_batch_past_its_window_expires_and_keeps_what_finished(gw, stub):
     client = client_of(gw)
     uploaded = client.files.create(file=("input.jsonl", io.BytesIO(jsonl(chat_lines(20)))), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="2s")
+                                  completion_window="4s")
     batch = wait_batch(client, batch.id, timeout=20)
     assert batch.status == "expired" and batch.expired_at is not None
     done = output_lines(client, batch.output_file_id)
