@@ -120,24 +120,25 @@ class BatchFiles:
     def _ready(self):
         os.makedirs(self.dir, exist_ok=True)
 
-    def add(self, pieces, owner, purpose, filename, file_id=None):
+    def add(self, pieces, owner, purpose, filename, file_id=None, lines=None):
         """A new file of ``pieces``; its description (OpenAI's file object, with ``owner``)."""
         self._ready()
         file_id = file_id or new_id("file-")
         size = write_durably(self.path(file_id), pieces)
-        return self._describe(file_id, size, owner, purpose, filename)
+        return self._describe(file_id, size, owner, purpose, filename, lines)
 
-    def adopt(self, temporary, owner, purpose, filename):
+    def adopt(self, temporary, owner, purpose, filename, lines):
         """A new file from ``temporary`` (already written and fsynced in this directory)."""
         file_id = new_id("file-")
         os.replace(temporary, self.path(file_id))
         _fsync_directory(self.dir)
-        return self._describe(file_id, os.path.getsize(self.path(file_id)), owner, purpose, filename)
+        return self._describe(file_id, os.path.getsize(self.path(file_id)), owner, purpose, filename, lines)
 
-    def _describe(self, file_id, size, owner, purpose, filename):
+    def _describe(self, file_id, size, owner, purpose, filename, lines):
+        """Its description, written last: from now on the file is there. ``owner`` and ``lines`` are ours."""
         meta = {"id": file_id, "object": "file", "bytes": size, "created_at": now_s(), "filename": filename,
                 "purpose": purpose, "status": "processed", "expires_at": None, "status_details": None,
-                "owner": owner}
+                "owner": owner, "lines": lines}
         write_durably(self.path(file_id) + ".json", [json.dumps(meta).encode()])
         return meta
 
@@ -205,16 +206,14 @@ class BatchStore(abc.ABC):
         """When a cancel was asked, or None."""
 
     @abc.abstractmethod
-    def record(self, batch_id, line, outcome):
-        """Keep line ``line``'s outcome (JSON text); False when one was kept already."""
+    def record(self, batch, line, outcome):
+        """Keep line ``line``'s outcome (JSON text) and, in the same
+        transaction, the batch's document (its counts with this outcome);
+        neither, and False, when the line has an outcome already."""
 
     @abc.abstractmethod
     def outcomes(self, batch_id):
         """{line: outcome text} of every line with an outcome."""
-
-    @abc.abstractmethod
-    def done_lines(self, batch_id):
-        """The set of lines with an outcome."""
 
     @abc.abstractmethod
     def forget(self, batch_id):
@@ -237,16 +236,19 @@ CREATE TABLE IF NOT EXISTS outcomes (batch TEXT NOT NULL, line INTEGER NOT NULL,
         self._lock = threading.Lock()
         self._db, self._pid = None, None
 
-    def _run(self, statement, arguments=(), many=False):
+    def _connection(self):
+        """This process's one connection (opened anew after a fork), used under ``self._lock``."""
+        if self._db is None or self._pid != os.getpid():
+            self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(self.SCHEMA)
+            self._pid = os.getpid()
+        return self._db
+
+    def _run(self, statement, arguments=()):
         with self._lock:
-            if self._db is None or self._pid != os.getpid():
-                self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(self.SCHEMA)
-                self._pid = os.getpid()
-            cursor = self._db.execute(statement, arguments)
-            return cursor.rowcount if many else cursor.fetchall()
+            return self._connection().execute(statement, arguments).fetchall()
 
     def save(self, batch):
         self._run("INSERT INTO batches (id, created, document) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE"
@@ -266,15 +268,23 @@ CREATE TABLE IF NOT EXISTS outcomes (batch TEXT NOT NULL, line INTEGER NOT NULL,
         rows = self._run("SELECT cancel FROM batches WHERE id = ?", (batch_id,))
         return rows[0][0] if rows else None
 
-    def record(self, batch_id, line, outcome):
-        return self._run("INSERT OR IGNORE INTO outcomes (batch, line, outcome) VALUES (?, ?, ?)",
-                         (batch_id, line, outcome), many=True) == 1
+    def record(self, batch, line, outcome):
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")  # one commit, one fsync, for the outcome and the counts
+            try:
+                kept = db.execute("INSERT OR IGNORE INTO outcomes (batch, line, outcome) VALUES (?, ?, ?)",
+                                  (batch["id"], line, outcome)).rowcount == 1
+                if kept:
+                    db.execute("UPDATE batches SET document = ? WHERE id = ?", (json.dumps(batch), batch["id"]))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return kept
 
     def outcomes(self, batch_id):
         return dict(self._run("SELECT line, outcome FROM outcomes WHERE batch = ?", (batch_id,)))
-
-    def done_lines(self, batch_id):
-        return {r[0] for r in self._run("SELECT line FROM outcomes WHERE batch = ?", (batch_id,))}
 
     def forget(self, batch_id):
         self._run("DELETE FROM outcomes WHERE batch = ?", (batch_id,))
@@ -319,14 +329,21 @@ class RedisBatchStore(BatchStore):
         raw = self.client.hget(self._key("batch_cancel"), batch_id)
         return float(raw) if raw else None
 
-    def record(self, batch_id, line, outcome):
-        return bool(self.client.hsetnx(self._key("batch_out", batch_id), str(line), outcome))
+    # KEYS: outcomes hash, document key. ARGV: line, outcome, document.
+    RECORD_SCRIPT = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('SET', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+    def record(self, batch, line, outcome):
+        return bool(self.client.eval(self.RECORD_SCRIPT, 2, self._key("batch_out", batch["id"]),
+                                     self._key("batch", batch["id"]), str(line), outcome, json.dumps(batch)))
 
     def outcomes(self, batch_id):
         return {int(k): v.decode() for k, v in self.client.hgetall(self._key("batch_out", batch_id)).items()}
-
-    def done_lines(self, batch_id):
-        return {int(k) for k in self.client.hkeys(self._key("batch_out", batch_id))}
 
     def forget(self, batch_id):
         pipe = self.client.pipeline(transaction=True)
@@ -525,7 +542,7 @@ class SmallField:
 
 def read_upload(environ, files, limit):
     """POST /v1/files: (purpose, filename, path of the written temporary
-    file, its JsonlCheck). The body streams to disk as it is read."""
+    file, its number of lines). The body streams to disk as it is read."""
     fields = {}
     temporary, out = files.temporary()
     check = None
@@ -555,7 +572,7 @@ def read_upload(environ, files, limit):
         _remove(temporary)
         raise
     purpose = fields.get("purpose").value.decode("utf-8", "replace") if "purpose" in fields else None
-    return purpose, fields["filename"], temporary
+    return purpose, fields["filename"], temporary, check.lines
 
 
 # ================================================================ checking lines
@@ -837,14 +854,17 @@ class BatchTurns:
             time.sleep(POLL_S * tries)
             return
         self.keep(work, line, outcome)
-        store.save(batch)
 
     def prepare(self, batch):
         """The batch's lines read and checked (again, after a takeover): a
         bad line's error kept at once, the others pending unless done."""
         work = Work(batch)
         store, config = self.batches.store, self.batches.config
-        done = store.done_lines(batch["id"])
+        outcomes = store.outcomes(batch["id"])
+        counts = batch["counts"] = {"total": batch["counts"]["total"], "succeeded": 0, "failed": 0, "expired": 0,
+                                    "cancelled": 0}
+        for text in outcomes.values():
+            counts[_count_of(json.loads(text))] += 1
         seen, total = set(), 0
         try:
             work.input = open(self.batches.files.path(batch["input_file_id"]), "rb")
@@ -856,18 +876,15 @@ class BatchTurns:
             try:
                 custom_id, _, body = item_request(batch, raw, seen, config)
             except LineError as error:
-                if line not in done:
+                if line not in outcomes:
                     outcome = {"custom_id": _custom_id_of(raw), "item_id": "%s.%d" % (batch["id"], line),
                                "code": error.code, "message": error.message}
                     self.keep(work, line, outcome)
                 continue
             batch.setdefault("model", json.loads(body).get("model"))
-            if line not in done:
+            if line not in outcomes:
                 work.pending.append((line, custom_id, offset, len(raw)))
-        counts = {"total": total, "succeeded": 0, "failed": 0, "expired": 0, "cancelled": 0}
-        for text in store.outcomes(batch["id"]).values():
-            counts[_count_of(json.loads(text))] += 1
-        batch["counts"] = counts
+        counts["total"] = total
         if batch["status"] == "validating":
             batch.update(status="in_progress", in_progress_at=now_s())
         store.save(batch)
@@ -885,13 +902,13 @@ class BatchTurns:
 
     def keep(self, work, line, outcome):
         """Keep a line's outcome (once) and count it."""
-        batch = work.batch
-        if self.batches.store.record(batch["id"], line, json.dumps(outcome)):
-            kind = _count_of(outcome)
-            if "counts" in batch:
-                batch["counts"][kind] += 1
-            self.batches.metrics.batch_item(batch["endpoint"], "invalid" if "code" in outcome and
-                                            kind == "failed" else kind)
+        batch, kind = work.batch, _count_of(outcome)
+        batch["counts"][kind] += 1
+        if not self.batches.store.record(batch, line, json.dumps(outcome)):
+            batch["counts"][kind] -= 1  # kept before: counted before
+            return
+        self.batches.metrics.batch_item(batch["endpoint"], "invalid" if "code" in outcome and
+                                        kind == "failed" else kind)
 
     def end(self, work, status):
         """Finish the batch: lines that did not run kept as expired or

@@ -79,7 +79,7 @@ def _limit(query, default, highest):
 
 
 def public_file(meta):
-    return {k: v for k, v in meta.items() if k != "owner"}
+    return {k: v for k, v in meta.items() if k not in ("owner", "lines")}
 
 
 def known_file(gateway, exchange, file_id):
@@ -92,12 +92,13 @@ def known_file(gateway, exchange, file_id):
 def upload_file(gateway, exchange):
     """POST /v1/files: a JSONL file for a batch, streamed to disk."""
     batches = gateway.batches
-    purpose, filename, temporary = read_upload(exchange.environ, batches.files, gateway.config.batch_max_file_bytes)
+    purpose, filename, temporary, lines = read_upload(exchange.environ, batches.files,
+                                                      gateway.config.batch_max_file_bytes)
     if purpose != "batch":
         batches.files.discard(temporary)
         raise GatewayError(400, "invalid_request", "purpose must be 'batch' (this gateway keeps files for batches "
                            "only), not %s" % printable(str(purpose)))
-    meta = batches.files.adopt(temporary, owner_of(exchange), "batch", filename)
+    meta = batches.files.adopt(temporary, owner_of(exchange), "batch", filename, lines)
     return exchange.answer(200, public_file(meta))
 
 
@@ -206,7 +207,8 @@ def create_batch(gateway, exchange):
     meta = known_file(gateway, exchange, file_id if isinstance(file_id, str) else "")
     if meta["purpose"] != "batch":
         raise GatewayError(400, "invalid_request", "input_file_id must name a file uploaded with purpose 'batch'")
-    batch = new_batch("openai", owner_of(exchange), endpoint, meta["id"], window, window_s, metadata, 0)
+    batch = new_batch("openai", owner_of(exchange), endpoint, meta["id"], window, window_s, metadata,
+                      meta.get("lines", 0))
     gateway.batches.store.save(batch)
     gateway.batches.runner.wake()
     return exchange.answer(200, openai_batch(batch, None))
@@ -295,7 +297,8 @@ def create_message_batch(gateway, exchange):
     if len(requests) > MAX_LINES:
         raise GatewayError(400, "invalid_request", "a batch holds at most %d requests" % MAX_LINES)
     lines = (json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in requests)
-    meta = gateway.batches.files.add(lines, owner_of(exchange), "anthropic_batch", "message_batch.jsonl")
+    meta = gateway.batches.files.add(lines, owner_of(exchange), "anthropic_batch", "message_batch.jsonl",
+                                     lines=len(requests))
     batch = new_batch("anthropic", owner_of(exchange), ANTHROPIC_ENDPOINT, meta["id"], "24h", 86400, None,
                       len(requests))
     gateway.batches.store.save(batch)

@@ -70,6 +70,7 @@ def test_a_20_line_batch_completes_and_its_output_parses_with_the_sdk(gw, stub):
     client = client_of(gw)
     batch = submit(client, chat_lines(20), metadata={"job": "tickets"})
     assert batch.status == "validating" and batch.metadata == {"job": "tickets"}
+    assert batch.request_counts.total == 20
     batch = wait_batch(client, batch.id)
     assert batch.status == "completed", batch
     assert batch.request_counts.total == 20 and batch.request_counts.completed == 20
@@ -393,10 +394,10 @@ def test_an_upload_streams_to_disk_without_being_held_in_memory(tmp_path):
     environ = {"CONTENT_TYPE": "multipart/form-data; boundary=XyZ",
                "wsgi.input": LazyBody(head, line, count, b"\r\n--XyZ--\r\n")}
     tracemalloc.start()
-    purpose, filename, written = read_upload(environ, BatchFiles(str(tmp_path)), 200 * 1000 * 1000)
+    purpose, filename, written, lines = read_upload(environ, BatchFiles(str(tmp_path)), 200 * 1000 * 1000)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert (purpose, filename) == ("batch", "big.jsonl")
+    assert (purpose, filename, lines) == ("batch", "big.jsonl", count)
     assert os.path.getsize(written) == len(line) * count
     assert peak < 8 * 1024 * 1024, peak  # pieces, never the 60 MB
 
