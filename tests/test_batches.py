@@ -412,3 +412,31 @@ def test_a_batch_upload_may_be_larger_than_max_body_bytes(start_gateway):
         assert f.read() == body
     answer = gateway.post("/v1/chat/completions", data=b"x" * 1000001)  # other routes keep MAX_BODY_BYTES
     assert answer.status_code == 413
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def batch_store(request, tmp_path):
+    from edgegate_batch import RedisBatchStore, SqliteBatchStore
+    if request.param == "sqlite":
+        return SqliteBatchStore(str(tmp_path / "batches.sqlite3"))
+    server = request.getfixturevalue("redis_server")
+    prefix = "test:%s:" % os.urandom(4).hex()
+    return RedisBatchStore(server.client(), prefix)
+
+
+def test_both_batch_stores_keep_an_outcome_once_and_the_counts_with_it(batch_store):
+    batch = {"id": "batch_x", "created_at": 100, "status": "in_progress", "counts": {"succeeded": 1}}
+    batch_store.save(batch)
+    assert batch_store.record(dict(batch, counts={"succeeded": 1}), 3, '{"first": true}')
+    assert not batch_store.record(dict(batch, counts={"succeeded": 2}), 3, '{"second": true}')
+    assert batch_store.outcomes("batch_x") == {3: '{"first": true}'}
+    assert batch_store.load("batch_x")["counts"] == {"succeeded": 1}  # the second record changed nothing
+    batch_store.save(dict(batch, id="batch_y", created_at=200))
+    assert [b["id"] for b in batch_store.all()] == ["batch_y", "batch_x"]
+    assert batch_store.cancel_asked("batch_x") is None
+    batch_store.ask_cancel("batch_x", 5.0)
+    batch_store.ask_cancel("batch_x", 9.0)
+    assert batch_store.cancel_asked("batch_x") == 5.0  # the first time counts
+    batch_store.forget("batch_x")
+    assert batch_store.load("batch_x") is None and batch_store.outcomes("batch_x") == {}
+    assert [b["id"] for b in batch_store.all()] == ["batch_y"]
