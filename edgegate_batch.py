@@ -712,10 +712,15 @@ class Batches:
                         % printable(owner))
 
     def counts_by_status(self):
-        """{status: number of batches}, for /metrics (``cancelling`` as such)."""
+        """{status: number of batches}, for /metrics (``cancelling`` as
+        such); nothing when the store does not answer, so that /metrics does."""
         counts = collections.Counter()
-        for batch in self.store.all():
-            counts[shown_status(batch, self.store.cancel_asked(batch["id"]))] += 1
+        try:
+            for batch in self.store.all():
+                counts[shown_status(batch, self.store.cancel_asked(batch["id"]))] += 1
+        except (redis.RedisError, sqlite3.Error) as error:
+            log.warning("batch store (%s) did not answer for /metrics: %s", self.store.provider, error)
+            return {}
         return counts
 
 

@@ -250,6 +250,8 @@ def test_anthropic_cancel_gives_canceled_results_for_the_rest(gw, stub):
     assert len(results) == 10 and "canceled" in kinds and "succeeded" in kinds
     with pytest.raises(anthropic.NotFoundError):
         anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0).messages.batches.retrieve("msgbatch_nope")
+    error = gw.get("/v1/messages/batches/msgbatch_nope").json()  # Anthropic's error shape on Anthropic's routes
+    assert error["type"] == "error" and error["error"]["type"] == "not_found_error", error
 
 
 # ---------------------------------------------------------------- nothing lost
