@@ -40,6 +40,7 @@ import uuid
 import redis
 
 from edgegate_body import OLLAMA_CLOUD_MODEL_RE
+from edgegate_config import BATCH_FORM_BYTES
 from edgegate_errors import GatewayError, printable
 
 log = logging.getLogger("edgegate")
@@ -380,7 +381,7 @@ def body_pieces(environ, limit, size=65536):
         if not length.isdigit():
             raise GatewayError(400, "invalid_request", "Content-Length is not a number")
         left = int(length)
-        if left > limit + 64 * 1024:  # room for the multipart framing around the file
+        if left > limit + BATCH_FORM_BYTES:
             raise GatewayError(413, "file_too_large", "the upload of %d bytes is over BATCH_MAX_FILE_BYTES (%d)"
                                % (left, limit))
     stream, seen = environ["wsgi.input"], 0
@@ -389,7 +390,7 @@ def body_pieces(environ, limit, size=65536):
         if not piece:
             return
         seen += len(piece)
-        if seen > limit + 64 * 1024:
+        if seen > limit + BATCH_FORM_BYTES:
             raise GatewayError(413, "file_too_large", "the upload is over BATCH_MAX_FILE_BYTES (%d)" % limit)
         if left is not None:
             left -= len(piece)

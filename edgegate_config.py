@@ -175,6 +175,10 @@ def _directory(env, name, default):
     return path
 
 
+# A batch upload is a multipart form: its body may be this much over
+# BATCH_MAX_FILE_BYTES (the boundaries and the purpose field around the file).
+BATCH_FORM_BYTES = 64 * 1024
+
 UNIX_SOCKET_PATH_MAX = 107  # bytes of sun_path on Linux, less its closing NUL (unix(7))
 
 

@@ -66,6 +66,7 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from edgegate_config import BATCH_FORM_BYTES
 from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
 
 # ================================================================ settings
@@ -97,7 +98,7 @@ BATCH_UPLOADS = frozenset({"/v1/files", "/v1/messages/batches"})
 def body_limit(limits, request):
     """The most body bytes ``request`` may send: MAX_BODY_BYTES, or a batch's own limit."""
     if request.method == "POST" and request.path in BATCH_UPLOADS:
-        return max(limits.max_body_bytes, limits.batch_max_file_bytes)
+        return max(limits.max_body_bytes, limits.batch_max_file_bytes + BATCH_FORM_BYTES)
     return limits.max_body_bytes
 
 

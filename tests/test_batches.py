@@ -442,3 +442,12 @@ def test_both_batch_stores_keep_an_outcome_once_and_the_counts_with_it(batch_sto
     batch_store.forget("batch_x")
     assert batch_store.load("batch_x") is None and batch_store.outcomes("batch_x") == {}
     assert [b["id"] for b in batch_store.all()] == ["batch_y"]
+
+
+def test_an_upload_just_over_the_limit_gets_413_not_a_dropped_connection(start_gateway):
+    gateway = start_gateway(BATCH_MAX_FILE_BYTES="100000", MAX_BODY_BYTES="50000", WORKERS="1")
+    line = json.dumps(chat_lines(1)[0]).encode() + b"\n"
+    for size in (100000 + 10000, 100000 + 200000):  # within the form's margin, and far over
+        with pytest.raises(openai.APIStatusError) as refused:
+            client_of(gateway).files.create(file=("big.jsonl", line * (size // len(line))), purpose="batch")
+        assert refused.value.status_code == 413 and "BATCH_MAX_FILE_BYTES" in refused.value.message
