@@ -193,6 +193,13 @@ def _lock_directory(env, state_dir):
     return path
 
 
+def _redis_url(env):
+    redis_url = _text(env, "REDIS_URL")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("REDIS_URL=%r: expected a redis://, rediss:// or unix:// URL" % redis_url)
+    return redis_url
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of the gateway, read once from the environment (README, "Configuration")."""
@@ -242,9 +249,7 @@ class Config:
     @classmethod
     def from_environ(cls, env=None):
         env = os.environ if env is None else env
-        redis_url = _text(env, "REDIS_URL")
-        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("REDIS_URL=%r: expected a redis://, rediss:// or unix:// URL" % redis_url)
+        redis_url = _redis_url(env)  # checked before STATE_DIR is made
         state_dir = _directory(env, "STATE_DIR", "~/.local/state/edgegate")
         upstream_bases = _upstream_bases(env)
         return cls(
