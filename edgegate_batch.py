@@ -42,6 +42,7 @@ import redis
 from edgegate_body import OLLAMA_CLOUD_MODEL_RE
 from edgegate_config import BATCH_FORM_BYTES
 from edgegate_errors import GatewayError, printable
+from status import redis_client
 
 log = logging.getLogger("edgegate")
 
@@ -359,13 +360,7 @@ def open_batch_store(config):
     Longer timeouts than the task store's: an outcome is worth a wait."""
     if not (config.redis_url or config.redis_host):
         return SqliteBatchStore(os.path.join(config.state_dir, "batches.sqlite3"))
-    options = dict(socket_timeout=5, socket_connect_timeout=2)
-    if config.redis_url:
-        client = redis.Redis.from_url(config.redis_url, **options)
-    else:
-        client = redis.Redis(host=config.redis_host, port=config.redis_port, username=config.redis_user or None,
-                             password=config.redis_password or None, db=config.redis_db, **options)
-    return RedisBatchStore(client, config.status_prefix)
+    return RedisBatchStore(redis_client(config, socket_timeout=5, socket_connect_timeout=2), config.status_prefix)
 
 
 # ================================================================ reading an upload
