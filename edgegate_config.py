@@ -239,6 +239,10 @@ def _directory(env, name, default):
     return path
 
 
+# A batch upload is a multipart form: its body may be this much over
+# BATCH_MAX_FILE_BYTES (the boundaries and the purpose field around the file).
+BATCH_FORM_BYTES = 64 * 1024
+
 UNIX_SOCKET_PATH_MAX = 107  # bytes of sun_path on Linux, less its closing NUL (unix(7))
 
 
@@ -263,6 +267,13 @@ def _lock_directory(env, state_dir):
         except OSError as e:
             raise ConfigError("GPU_LOCK_DIR=%r: cannot make %s this user's alone (%s)" % (path, directory, e.strerror))
     return path
+
+
+def _redis_url(env):
+    redis_url = _text(env, "REDIS_URL")
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("REDIS_URL=%r: expected a redis://, rediss:// or unix:// URL" % redis_url)
+    return redis_url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +314,7 @@ class Config:
     client_body_buffer_bytes: int
     body_memory_bytes: int
     body_wait_s: float
+    batch_max_file_bytes: int
     api_keys: tuple
     allow_management: bool
     allow_ollama_cloud: bool
@@ -321,9 +333,7 @@ class Config:
     @classmethod
     def from_environ(cls, env=None):
         env = os.environ if env is None else env
-        redis_url = _text(env, "REDIS_URL")
-        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("REDIS_URL=%r: expected a redis://, rediss:// or unix:// URL" % redis_url)
+        redis_url = _redis_url(env)  # checked before STATE_DIR is made
         state_dir = _directory(env, "STATE_DIR", "~/.local/state/edgegate")
         upstream_bases = _upstream_bases(env)
         read_timeout_s = _number(env, "UPSTREAM_READ_TIMEOUT_S", 300.0, float, 0.01, alias="PROVIDER_TIMEOUT_SECONDS")
@@ -361,6 +371,7 @@ class Config:
             client_body_buffer_bytes=_number(env, "CLIENT_BODY_BUFFER_BYTES", 64 * 1024, int, 1024),
             body_memory_bytes=_number(env, "BODY_MEMORY_BYTES", max_body_bytes, int, 1),
             body_wait_s=_number(env, "BODY_WAIT_S", 5.0, float, 0),
+            batch_max_file_bytes=_number(env, "BATCH_MAX_FILE_BYTES", 200 * 1000 * 1000, int, 1),  # an upload
             api_keys=_api_keys(env),
             allow_management=_flag(env, "ALLOW_MANAGEMENT"),
             allow_ollama_cloud=_flag(env, "ALLOW_OLLAMA_CLOUD"),

@@ -37,7 +37,7 @@ def error_document(path, error, task_id):
     else it is OpenAI's envelope plus ``provider`` and ``task_id``."""
     if path == "/" or path.startswith("/api/"):
         return {"error": error.message, "code": error.code, "provider": error.provider, "task_id": task_id}
-    if path == "/v1/messages":  # the anthropic SDK reads error.type and error.message
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):  # the anthropic SDK reads error.type, .message
         return {"type": "error", "error": {"type": anthropic_error_type(error), "message": error.message,
                                            "code": error.code, "provider": error.provider, "task_id": task_id}}
     return {"error": {"message": error.message, "type": error.code, "code": error.code, "param": None,

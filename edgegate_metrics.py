@@ -27,6 +27,7 @@ class Metrics:
 
     def __init__(self, directory, slots, enabled=True):
         self.slots = slots
+        self.batch_counts = None  # () -> {status: batches}, set by the gateway (edgegate_batch.Batches)
         self.directory = directory
         self.enabled = False
         self.missing = "metrics need prometheus_client: pip install 'edgegate[metrics]'"
@@ -75,6 +76,9 @@ class Metrics:
         self._usage_counters = {}  # (key name, model) -> the three counters above, labelled
         self.open_streams = prom.Gauge("edgegate_open_streams", "Responses being relayed now",
                                        multiprocess_mode="livesum", **own)
+        self.batch_items = prom.Counter("edgegate_batch_items_total", "Batch items ended, by endpoint and outcome "
+                                        "(succeeded, failed, invalid, expired, cancelled)", ["endpoint", "outcome"],
+                                        **own)
         self.enabled = True
 
     def request_answered(self, path, status_code, key=None):
@@ -133,6 +137,10 @@ class Metrics:
             if gpu_seconds:
                 counters[2].inc(gpu_seconds)
 
+    def batch_item(self, endpoint, outcome):
+        if self.enabled:
+            self.batch_items.labels(endpoint, outcome).inc()
+
     def stream_opened(self):
         if self.enabled:
             self.open_streams.inc()
@@ -151,7 +159,14 @@ class Metrics:
         slots.add_metric(["free"], len(self.slots.paths) - held)
         waiting = self.GaugeMetricFamily("edgegate_queue_length", "Waiters in the GPU line now (all workers, "
                                          "and python -m gateway hold)", value=len(self.slots.line.describe()))
-        registry.register(ScrapeTimeFamilies([slots, waiting]))
+        families = [slots, waiting]
+        if self.batch_counts is not None:
+            batches = self.GaugeMetricFamily("edgegate_batches", "Batches by status (OpenAI's statuses; Anthropic's "
+                                             "batches as the same)", labels=["status"])
+            for status, count in sorted(self.batch_counts().items()):
+                batches.add_metric([status], count)
+            families.append(batches)
+        registry.register(ScrapeTimeFamilies(families))
         return self.prom.generate_latest(registry)
 
 

@@ -170,7 +170,8 @@ class GpuSlots:
                 # A record left by an earlier holder, or none (flock(1)
                 # writes nothing): the kernel's pid stands alone then.
                 if record.get("pid") == pid:
-                    entry.update({k: record[k] for k in ("task_id", "path", "since", "key", "model") if k in record})
+                    entry.update({k: record[k] for k in ("task_id", "path", "since", "key", "model", "batch")
+                                  if k in record})
             slots.append(entry)
         return slots
 
@@ -296,7 +297,9 @@ class SlotLine:
             if not waiting:
                 slot = slots.try_take(holder, place, owner)
                 if slot is not None:
-                    self._quietly("record a key's turn in " + self.served.path, self.served.mark, place.get("key"))
+                    if not place.get("batch"):  # a batch item's turn costs its key no interactive turn
+                        self._quietly("record a key's turn in " + self.served.path, self.served.mark,
+                                      place.get("key"))
                     return slot, None
             if bound is not None and len(waiting) >= bound and key_waits(waiting, place.get("key")):
                 raise QueueFull(len(waiting))
@@ -316,7 +319,8 @@ class SlotLine:
             slot = slots.try_take(holder, ticket.place, owner)
             if slot is None:
                 return None, position
-            self._quietly("record a key's turn in " + self.served.path, self.served.mark, ticket.place.get("key"))
+            if not ticket.place.get("batch"):  # a batch item's turn costs its key no interactive turn
+                self._quietly("record a key's turn in " + self.served.path, self.served.mark, ticket.place.get("key"))
             self._quietly("remove a served ticket", ticket.tear_down)
         self._quietly("wake the GPU line", self.wake_all)  # the next may find another slot free; all move up
         return slot, 0
@@ -369,7 +373,7 @@ class SlotLine:
             return []
         return [{"position": n + 1, "task_id": place.get("task_id"), "path": place.get("path"),
                  "model": place.get("model"), "since": place.get("since"), "key": place.get("key"),
-                 "pid": place.get("pid")}
+                 "pid": place.get("pid"), **({"batch": place["batch"]} if place.get("batch") else {})}
                 for n, (_, place) in enumerate(line_order(waiting, self.served.read()))]
 
     def _live(self, reap=True):
@@ -497,7 +501,11 @@ def line_order(waiting, served):
     recently (``served``: key -> time of its last turn), and within a key
     to the first arrived. So one key's backlog of 50 keeps another key's
     one request waiting behind one of them, not fifty. Without keys
-    (all None) this is arrival order."""
+    (all None) this is arrival order. Batch items (``place["batch"]``) come
+    after every interactive request (README, "Batches")."""
+    batch = [(name, place) for name, place in waiting if place.get("batch")]
+    if batch and len(batch) < len(waiting):
+        return line_order([w for w in waiting if not w[1].get("batch")], served) + line_order(batch, served)
     by_key = {}
     for name, place in waiting:
         by_key.setdefault(place.get("key") or "", collections.deque()).append((name, place))

@@ -69,13 +69,14 @@ from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from edgegate_config import BATCH_FORM_BYTES
 from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
 from edgegate_spool import BodyRoom, SpoolFailed, give_large_buffers_back
 
 # ================================================================ settings
 
 ClientLimits = collections.namedtuple(
-    "ClientLimits", "header_timeout_s body_timeout_s max_connections_per_client max_body_bytes")
+    "ClientLimits", "header_timeout_s body_timeout_s max_connections_per_client max_body_bytes batch_max_file_bytes")
 
 
 def client_limits(config):
@@ -90,7 +91,19 @@ def client_limits(config):
     process; behind a reverse proxy every client is the proxy, so set 0 there.
     """
     return ClientLimits(config.client_header_timeout_s, config.client_body_timeout_s,
-                        config.max_connections_per_client, config.max_body_bytes)
+                        config.max_connections_per_client, config.max_body_bytes, config.batch_max_file_bytes)
+
+
+# The two routes that carry a whole batch (README, "Batches"): their body may
+# be up to BATCH_MAX_FILE_BYTES; edgegate_batch_api.py checks it again.
+BATCH_UPLOADS = frozenset({"/v1/files", "/v1/messages/batches"})
+
+
+def body_limit(limits, request):
+    """The most body bytes ``request`` may send: MAX_BODY_BYTES, or a batch's own limit."""
+    if request.method == "POST" and request.path in BATCH_UPLOADS:
+        return max(limits.max_body_bytes, limits.batch_max_file_bytes + BATCH_FORM_BYTES)
+    return limits.max_body_bytes
 
 
 HeadSizes = collections.namedtuple("HeadSizes", "line fields field_size header_section")
@@ -601,7 +614,7 @@ class HeadJudging:
             raise Refusal(400, "invalid_request", "an HTTP/1.1 request needs a Host header")
 
     def body_is_in(self, arriving):
-        limit = self.limits.max_body_bytes
+        limit = body_limit(self.limits, arriving.request)
         conn = arriving.conn
         if arriving.chunked is None:
             if arriving.length > limit:

@@ -52,6 +52,8 @@ import uuid
 import requests
 
 import status
+from edgegate_batch import BATCH_ITEM, Batches
+from edgegate_batch_api import batch_route, is_batch_route
 from edgegate_body import read_request
 from edgegate_spool import BodyRoom
 from edgegate_cloud import cloud_forward
@@ -116,13 +118,22 @@ class Gateway:
             self.usage = open_usage(self.config, self.board.store)  # beside the tasks (README, "Usage and quotas")
             self.quotas = Quotas(self.usage)
             self.models = KnownModels(self.upstreams).start()  # the metrics' model label: what Ollama lists
-            self.metrics = Metrics(os.path.join(self.config.state_dir, "metrics"), self.slots)
-            self.board = status.TaskBoard(status.open_store(self.config), on_failure=self.metrics.store_failed)
-            self.usage = open_usage(self.config, self.board.store)  # beside the tasks (README, "Usage and quotas")
-            self.quotas = Quotas(self.usage)
-            self.models = KnownModels(self.upstreams).start()  # the metrics' model label: what Ollama lists
             self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
+            self.batches = Batches(self.config, self, metrics)  # README, "Batches"
+            metrics.batch_counts = self.batches.counts_by_status
             self.metrics, self._pid = metrics, os.getpid()
+            self.batches.runner.start()
+
+    def start_here(self):
+        """Start this worker's services now (gunicorn.conf.py, ``post_worker_init``):
+        the batch runner must not wait for a first request after a restart.
+        A failure is logged, never fatal (a worker that cannot boot would stop
+        gunicorn): the first request tries again."""
+        try:
+            if self._pid != os.getpid():
+                self._start_in_this_process()
+        except Exception:
+            log.exception("worker %d could not start its services; its first request tries again", os.getpid())
 
     def __call__(self, environ, start_response):
         exchange = Exchange(self, environ, start_response)
@@ -152,10 +163,13 @@ class Gateway:
             if path in ("/ui", "/ui/") and exchange.method == "GET":  # the page needs no key; all it shows does
                 body, headers = self.live_page.html()
                 return exchange.answer(200, body, headers, content_type="text/html; charset=utf-8")
-            exchange.key = check_api_key(self.config, exchange.environ)
+            # A batch item runs as the key that made its batch (edgegate_batch.run_item).
+            exchange.key = exchange.batch.key if exchange.batch else check_api_key(self.config, exchange.environ)
             if exchange.key is not None and exchange.key.scraper and path not in ("/metrics", "/readyz"):
                 raise GatewayError(403, "forbidden", "a metrics key (role 'metrics' in GATEWAY_API_KEYS) may read "
                                    "/metrics and /readyz only")
+            if is_batch_route(path):  # files and batches: answered here, never forwarded
+                return batch_route(self, exchange)
             if path.startswith(("/v1/", "/api/", "//")):  # "//api/pull" is refused as a spelling, not a 404
                 return proxy(self, exchange)
             return own_route(self, exchange)
@@ -314,9 +328,11 @@ def take_slot(gateway, exchange):
         holder["model"] = exchange.model[:200] + "..."
     if exchange.key is not None:
         holder["key"] = exchange.key.name
+    if exchange.batch is not None:  # it waits behind every interactive request (README, "Batches")
+        holder["batch"] = exchange.batch.batch_id
     slots, config = gateway.slots, gateway.config
     gateway.upstreams.look()  # what each Ollama has loaded, if not known from the last few seconds
-    if config.slot_wait_s > 0:
+    if config.slot_wait_s > 0 or exchange.batch is not None:
         wait_in_line(gateway, exchange, holder)
     else:
         slots.try_take(holder, {"model": exchange.model}, exchange.own_slot)
@@ -357,12 +373,15 @@ def wait_in_line(gateway, exchange, holder):
     """The slot at once when nobody waits and one is free; else a place at
     the end of the line until this request's turn comes, SLOT_WAIT_S runs
     out, or the client leaves or a DELETE comes. QUEUE_MAX waiters already,
-    one of them of this request's key: 503 ``gpu_busy`` at once, saying so."""
+    one of them of this request's key: 503 ``gpu_busy`` at once, saying so.
+    A batch item waits as long as it takes, behind every interactive
+    request, and is never refused."""
     config, slots = gateway.config, gateway.slots
     key = exchange.key.name if exchange.key else None  # its name (README, "Keys and their tasks"), never the key
     place = dict(holder, model=exchange.model, key=key)
     try:
-        slot, ticket = slots.line.join(place, holder, slots, exchange.own_slot, bound=config.queue_max)
+        slot, ticket = slots.line.join(place, holder, slots, exchange.own_slot,
+                                       bound=None if exchange.batch else config.queue_max)
     except QueueFull as full:
         gateway.metrics.gpu_refused("queue_full")
         retry_after = slots.retry_after(full.waiting, config.retry_after_s)
@@ -377,7 +396,8 @@ def wait_in_line(gateway, exchange, holder):
         exchange.call.attach(ticket)  # a hang-up or DELETE shuts the ticket's socket (UpstreamCall.abort): we wake
         if exchange.stream and exchange.path.startswith("/v1/"):
             stream = QueuedStream(exchange, joined)
-        wait_turn(slots, ticket, holder, exchange.own_slot, joined + config.slot_wait_s,
+        deadline = None if exchange.batch else joined + config.slot_wait_s  # a batch item waits its turn
+        wait_turn(slots, ticket, holder, exchange.own_slot, deadline,
                   moved=lambda position: moved_up(gateway, exchange, stream, position),
                   stopped=lambda: exchange.call.reason is not None)
     except ConnectionAbortedError:  # the client left before the wait began
@@ -662,6 +682,7 @@ class Exchange:
         self.client_socket = environ.get("gunicorn.socket")
         self.cors_origin = None  # the request's Origin, when CORS_ORIGINS allows it
         self.key = None  # the ApiKey the request came with (keys on)
+        self.batch = environ.get(BATCH_ITEM)  # a batch item's BatchItemMark (edgegate_batch.run_item), else None
         self.task_id = None  # the X-Task-Id of a proxied request
         self.model, self.stream = None, False  # as read from its body
         self.inference, self.forwarded = False, False  # forwarded inference: its usage is counted
@@ -690,7 +711,8 @@ class Exchange:
             self.model, self.stream, self.inference = request.model, request.stream, request.inference
         task = status.Task(self.gateway.board, self.task_id, self.gateway.config.algorithm_id, self.method,
                            self.path, owner=self.key.name if self.key else None)
-        task.extensions.update(model=self.model, stream=self.stream)
+        batch = {"batch": self.batch.batch_id} if self.batch else {}  # an item names its batch
+        task.extensions.update(model=self.model, stream=self.stream, **batch)
         if not task.claim():
             raise GatewayError(409, "task_id_in_use", "task %s is still pending or running" % self.task_id)
         self.task = task

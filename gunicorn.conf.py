@@ -94,6 +94,13 @@ def post_fork(server, worker):
     edgegate_errors.access_log.to(sys.stdout)
 
 
+def post_worker_init(worker):
+    """Each worker starts its services now, not at its first request: its
+    batch runner may have to take over a batch after a restart (README,
+    "Batches"), with no client asking anything."""
+    gateway.app.gateway.start_here()
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges (open streams) must not count any more."""
     try:

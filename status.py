@@ -209,23 +209,8 @@ return 1
     @classmethod
     def from_config(cls, config, stale_after):
         no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
-        options = dict(
-            socket_timeout=STORE_TIMEOUT_S,
-            socket_connect_timeout=STORE_TIMEOUT_S,
-            retry=no_retry,
-            health_check_interval=0,
-        )
-        if config.redis_url:
-            client = redis.Redis.from_url(config.redis_url, **options)
-        else:
-            client = redis.Redis(
-                host=config.redis_host,
-                port=config.redis_port,
-                username=config.redis_user or None,
-                password=config.redis_password or None,
-                db=config.redis_db,
-                **options,
-            )
+        client = redis_client(config, socket_timeout=STORE_TIMEOUT_S, socket_connect_timeout=STORE_TIMEOUT_S,
+                              retry=no_retry, health_check_interval=0)
         return cls(client, config.status_prefix, config.ttl_running, config.ttl_done, stale_after)
 
     def _ttl(self, document):
@@ -527,6 +512,12 @@ def prepare_store(config):
     except Exception as error:
         log.warning("task store (%s) could not be prepared: %s", "redis" if config.redis_url or config.redis_host
                     else "sqlite", error)
+def redis_client(config, **options):
+    """A client of the Redis the configuration names (REDIS_URL, or REDIS_HOST and the rest)."""
+    if config.redis_url:
+        return redis.Redis.from_url(config.redis_url, **options)
+    return redis.Redis(host=config.redis_host, port=config.redis_port, username=config.redis_user or None,
+                       password=config.redis_password or None, db=config.redis_db, **options)
 
 
 def open_store(config):
