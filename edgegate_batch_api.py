@@ -24,7 +24,7 @@ import redis
 
 from edgegate_batch import (ANTHROPIC_ENDPOINT, ENDED, ENDPOINTS, MAX_LINES, new_id, now_s, read_upload,
                             shown_status)
-from edgegate_body import parse_json_object, read_body
+from edgegate_body import read_json_body
 from edgegate_errors import GatewayError, printable
 
 ROUTE_PREFIXES = ("/v1/files", "/v1/batches", "/v1/messages/batches")
@@ -192,7 +192,7 @@ def new_batch(kind, owner, endpoint, input_file_id, window, window_s, metadata, 
 
 def create_batch(gateway, exchange):
     """POST /v1/batches: a batch of an uploaded file's lines."""
-    document = parse_json_object(read_body(exchange.environ, gateway.config.max_body_bytes))
+    document = read_json_body(exchange.environ, gateway.bodies, gateway.config.max_body_bytes)
     endpoint = document.get("endpoint")
     if endpoint not in ENDPOINTS:
         raise GatewayError(400, "invalid_request", "endpoint must be one of %s" % ", ".join(ENDPOINTS))
@@ -289,7 +289,7 @@ def message_batch(exchange, batch, cancel_asked):
 def create_message_batch(gateway, exchange):
     """POST /v1/messages/batches: the requests become the batch's input file, one a line."""
     config = gateway.config
-    document = parse_json_object(read_body(exchange.environ, config.batch_max_file_bytes))
+    document = read_json_body(exchange.environ, gateway.bodies, config.batch_max_file_bytes, "BATCH_MAX_FILE_BYTES")
     requests = document.get("requests")
     if not isinstance(requests, list) or not requests:
         raise GatewayError(400, "invalid_request", "requests must be a non-empty list of "

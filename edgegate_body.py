@@ -324,9 +324,25 @@ def _form_model(part):
     return raw, bool(part.get_filename())
 
 
-def read_body(environ, limit, room):
+def read_json_body(environ, room, limit, setting="MAX_BODY_BYTES"):
+    """The JSON object of a body the gateway answers itself (a batch's):
+    read as every body is -- spooled, decoded, within the worker's budget
+    for parsing, as strictly as Ollama reads JSON."""
+    body, _ = decoded_body(environ, read_body(environ, limit, room, setting), limit, room, setting)
+    try:
+        share = take_share(room, body, "json")
+        try:
+            return parse_json_object(body)
+        finally:
+            if share is not None:
+                share.release()
+    finally:
+        body.close()
+
+
+def read_body(environ, limit, room, setting="MAX_BODY_BYTES"):
     """The request body, in a Spool; refused with 413 before reading when
-    too large."""
+    too large (over ``limit``, the value of ``setting``)."""
     length = environ.get("CONTENT_LENGTH") or ""
     if length:
         try:
@@ -335,7 +351,7 @@ def read_body(environ, limit, room):
             raise GatewayError(400, "invalid_request", "Content-Length is not a number")
         if declared > limit:
             raise GatewayError(413, "body_too_large",
-                               "request body of %d bytes is over MAX_BODY_BYTES (%d)" % (declared, limit))
+                               "request body of %d bytes is over %s (%d)" % (declared, setting, limit))
     # No length: a chunked request body (gunicorn decodes it). Read one byte
     # past the limit to know whether it is over, never more.
     left = declared if length else limit + 1
@@ -348,14 +364,14 @@ def read_body(environ, limit, room):
             spool.write(piece)
             left -= len(piece)
         if len(spool) > limit:
-            raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d)" % limit)
+            raise GatewayError(413, "body_too_large", "request body is over %s (%d)" % (setting, limit))
     except BaseException:
         spool.close()
         raise
     return spool.written()
 
 
-def decoded_body(environ, raw, limit, room):
+def decoded_body(environ, raw, limit, room, setting="MAX_BODY_BYTES"):
     """A body sent compressed (``Content-Encoding`` gzip, deflate or zstd;
     coding agents send zstd), decoded a piece at a time into a new spool,
     so that a small bomb is refused once its output passes MAX_BODY_BYTES,
@@ -374,8 +390,8 @@ def decoded_body(environ, raw, limit, room):
         for piece in BODY_DECODERS[encoding](raw):
             decoded.write(piece)
             if len(decoded) > limit:
-                raise GatewayError(413, "body_too_large", "request body is over MAX_BODY_BYTES (%d) once "
-                                   "decoded from %s" % (limit, encoding))
+                raise GatewayError(413, "body_too_large", "request body is over %s (%d) once "
+                                   "decoded from %s" % (setting, limit, encoding))
         return decoded.written(), True
     except BaseException as error:
         if decoded is not None:

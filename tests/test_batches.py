@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from conftest import GatewayProcess, wait_until
+from conftest import wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
