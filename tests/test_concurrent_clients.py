@@ -194,8 +194,9 @@ def test_sixteen_first_requests_on_a_fresh_store_are_all_answered(cold_start, st
 
 
 def test_a_worker_that_fails_to_start_answers_in_the_envelope_and_tries_again(cold_start, stub):
-    """tests/failing_start.conf.py makes each worker's first start fail: the
-    request that met it gets the gateway's envelope and one access line,
+    """tests/failing_start.conf.py makes each worker's start at boot and its
+    first request's start fail: the worker boots all the same, the request
+    that met the failure gets the gateway's envelope and one access line,
     never gunicorn's bare 500; the next request starts the worker."""
     gateway = cold_start(conf=os.path.join(REPO, "tests", "failing_start.conf.py"), WORKERS="1")
     failed = gateway.post("/api/chat", json={"model": "llama3.2", "messages": CHAT, "stream": False})
@@ -204,7 +205,8 @@ def test_a_worker_that_fails_to_start_answers_in_the_envelope_and_tries_again(co
     answered = gateway.post("/api/chat", json={"model": "llama3.2", "messages": CHAT, "stream": False})
     assert answered.status_code == 200
     log = gateway.read_log()
-    assert "injected by tests/failing_start.conf.py" in log
+    assert log.count("RuntimeError: can't start new thread (injected") == 2  # one traceback each
+    assert "could not start its services; its first request tries again" in log
     assert log.count('"POST /api/chat" 500') == 1 and log.count('"POST /api/chat" 200') == 1
 
 
