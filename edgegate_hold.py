@@ -84,14 +84,14 @@ class Hold:
 
     def _take(self, wanted, deadline, owner):
         now = round(time.time(), 3)
-        holder = {"pid": os.getpid(), "task_id": self.task.task_id, "path": "hold", "since": now}
-        place = dict(holder, model=self.task.extensions["model"], key="hold", slots=wanted)
+        holder_record = {"pid": os.getpid(), "task_id": self.task.task_id, "path": "hold", "since": now}
+        waiter = dict(holder_record, model=self.task.extensions["model"], key="hold", slots=wanted)
         line = self.slots.line
-        slot, ticket = line.join(place, holder, self.slots, owner)
+        slot, ticket = line.join(waiter, holder_record, self.slots, owner)
         if slot is not None:
             return slot
         try:
-            return wait_turn(self.slots, ticket, holder, owner, deadline,
+            return wait_turn(self.slots, ticket, holder_record, owner, deadline,
                              moved=lambda position: self.task.set(queue_position=position),
                              stopped=self.stop.is_set)
         finally:

@@ -46,10 +46,14 @@ class GpuSlots:
     uses meanwhile; a released one is kept for the next hold of that slot
     (one ``open`` and ``close`` less per request), never across a fork.
 
-    The holder record (JSON: pid, task id, path, since, key, model) is written over the
-    file's start when the lock is taken, and left there when it goes: the
-    kernel's lock table says whether the slot is held, and a record counts
-    only when its pid is the lock's (``describe``).
+    Two small dicts go with every take. The ``holder_record`` (JSON: pid,
+    task id, path, since, key, model, batch) is written over the file's
+    start when the lock is taken, and left there when it goes: the kernel's
+    lock table says whether the slot is held, and a record counts only when
+    its pid is the lock's (``describe``). The ``waiter`` is what the one who
+    asks wants and is (the holder record, plus its model, its key and, for
+    ``hold --slot``, the slots it may have): it picks the slot, and it is
+    what a ticket in the line holds.
     """
 
     KEEP_PER_SLOT = 4  # released descriptors kept per slot, for holds at once in this process
@@ -58,23 +62,23 @@ class GpuSlots:
         self.paths = [os.path.join(lock_dir, "slot-%d.lock" % n) for n in range(count)]
         self.line = SlotLine(lock_dir)
         self.holds = collections.deque(maxlen=32)  # this process's recent hold times, for Retry-After
-        self.choose = choose  # several upstreams: (slot indexes, place) -> the order to try them in
+        self.choose = choose  # several upstreams: (slot indexes, waiter) -> the order to try them in
         self.held_here = set()  # indexes this process holds: not worth a try
         self._kept = {}  # index -> [released descriptors]
         self._kept_pid = os.getpid()
 
-    def try_take(self, holder, place=None, owner=None):
-        """The first free slot of those ``place`` may have (``place["slots"]``:
+    def try_take(self, holder_record, waiter=None, owner=None):
+        """The first free slot of those ``waiter`` may have (``waiter["slots"]``:
         only these, for ``hold --slot``), in the order ``choose`` prefers for
         it; None when none is free. ``owner(slot)`` is handed the slot the
         moment it is taken, before anything else can fail: from then on its
         owner releases it (for a request, ``Exchange.close``); until then,
         any failure here releases it."""
         indexes = range(len(self.paths))
-        if place and place.get("slots") is not None:
-            indexes = [i for i in place["slots"] if 0 <= i < len(self.paths)]
+        if waiter and waiter.get("slots") is not None:
+            indexes = [i for i in waiter["slots"] if 0 <= i < len(self.paths)]
         if self.choose is not None:
-            indexes = self.choose(indexes, place or {})
+            indexes = self.choose(indexes, waiter or {})
         if self._kept_pid != os.getpid():  # forked: the parent's descriptors would share its locks
             self.held_here, self._kept, self._kept_pid = set(), {}, os.getpid()
         record = None
@@ -94,7 +98,7 @@ class GpuSlots:
             slot = Slot(index, fd, self._released)
             try:
                 if record is None:
-                    record = json.dumps(holder).encode()
+                    record = json.dumps(holder_record).encode()
                 os.pwrite(fd, record.ljust(RECORD_BYTES), 0)
                 if owner is not None:
                     owner(slot)
@@ -287,25 +291,25 @@ class SlotLine:
         finally:
             os.close(fd)
 
-    def join(self, place, holder, slots, owner, bound=None):
+    def join(self, waiter, holder_record, slots, owner, bound=None):
         """(slot, None) when nobody waits and a slot is free (handed to
         ``owner``, see ``GpuSlots.try_take``; a turn, recorded as one from the
         line is), else (None, a new Ticket) at the end of the line. QueueFull
-        when ``bound`` wait, one of them of ``place``'s key."""
+        when ``bound`` wait, one of them of ``waiter``'s key."""
         with self._locked():
             waiting = self._live()
             if not waiting:
-                slot = slots.try_take(holder, place, owner)
+                slot = slots.try_take(holder_record, waiter, owner)
                 if slot is not None:
-                    if not place.get("batch"):  # a batch item's turn costs its key no interactive turn
+                    if not waiter.get("batch"):  # a batch item's turn costs its key no interactive turn
                         self._quietly("record a key's turn in " + self.served.path, self.served.mark,
-                                      place.get("key"))
+                                      waiter.get("key"))
                     return slot, None
-            if bound is not None and len(waiting) >= bound and key_waits(waiting, place.get("key")):
+            if bound is not None and len(waiting) >= bound and key_waits(waiting, waiter.get("key")):
                 raise QueueFull(len(waiting))
-            return None, Ticket.issue(self.dir, place)
+            return None, Ticket.issue(self.dir, waiter)
 
-    def turn(self, ticket, holder, slots, owner):
+    def turn(self, ticket, holder_record, slots, owner):
         """(slot, 0) when it is ``ticket``'s turn and a slot is free (handed
         to ``owner``; the ticket leaves the line); else (None, its position,
         1 = next). Once the slot is taken nothing here can lose it: it is
@@ -316,11 +320,11 @@ class SlotLine:
             position = order.index(ticket.name) + 1 if ticket.name in order else 1
             if position > 1:
                 return None, position
-            slot = slots.try_take(holder, ticket.place, owner)
+            slot = slots.try_take(holder_record, ticket.waiter, owner)
             if slot is None:
                 return None, position
-            if not ticket.place.get("batch"):  # a batch item's turn costs its key no interactive turn
-                self._quietly("record a key's turn in " + self.served.path, self.served.mark, ticket.place.get("key"))
+            if not ticket.waiter.get("batch"):  # a batch item's turn costs its key no interactive turn
+                self._quietly("record a key's turn in " + self.served.path, self.served.mark, ticket.waiter.get("key"))
             self._quietly("remove a served ticket", ticket.tear_down)
         self._quietly("wake the GPU line", self.wake_all)  # the next may find another slot free; all move up
         return slot, 0
@@ -371,10 +375,10 @@ class SlotLine:
             waiting = self._live(reap=False)
         except FileNotFoundError:
             return []
-        return [{"position": n + 1, "task_id": place.get("task_id"), "path": place.get("path"),
-                 "model": place.get("model"), "since": place.get("since"), "key": place.get("key"),
-                 "pid": place.get("pid"), **({"batch": place["batch"]} if place.get("batch") else {})}
-                for n, (_, place) in enumerate(line_order(waiting, self.served.read()))]
+        return [{"position": n + 1, "task_id": waiter.get("task_id"), "path": waiter.get("path"),
+                 "model": waiter.get("model"), "since": waiter.get("since"), "key": waiter.get("key"),
+                 "pid": waiter.get("pid"), **({"batch": waiter["batch"]} if waiter.get("batch") else {})}
+                for n, (_, waiter) in enumerate(line_order(waiting, self.served.read()))]
 
     def _live(self, reap=True):
         """[(name, place)] of the live tickets, in arrival order; dead ones
@@ -389,14 +393,14 @@ class SlotLine:
             try:
                 fd = os.open(os.path.join(self.dir, entry), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:  # gone, or a symlink (ELOOP): not a ticket of ours
-                place = None
+                waiter = None
             else:
                 try:
-                    place = _ticket_place(fd, name, tell=reap)
+                    waiter = _ticket_waiter(fd, name, tell=reap)
                 finally:
                     os.close(fd)
-            if place is not None:
-                live.append((name, place))
+            if waiter is not None:
+                live.append((name, waiter))
             elif reap:
                 _unlink(os.path.join(self.dir, name + ".ticket"), os.path.join(self.dir, name + ".sock"))
         return live
@@ -404,11 +408,11 @@ class SlotLine:
 
 def key_waits(waiting, key):
     """Whether ``key`` (a name, or None) has a request among ``waiting``."""
-    return any(place.get("key") == key for _, place in waiting)
+    return any(waiter.get("key") == key for _, waiter in waiting)
 TICKET_NAME_DIGITS = 20
 
 
-def _ticket_place(fd, name, tell):
+def _ticket_waiter(fd, name, tell):
     """The place a live ticket holds, or None: dead (its lock can be taken),
     or not one this gateway wrote (another user's, a name that is not its
     clock reading, content that is not a JSON object)."""
@@ -424,24 +428,24 @@ def _ticket_place(fd, name, tell):
     except BlockingIOError:  # its waiter holds it: alive
         pass
     try:
-        place = json.loads(os.pread(fd, 65536, 0))
+        waiter = json.loads(os.pread(fd, 65536, 0))
     except ValueError:
-        place = None
-    if not isinstance(place, dict):
+        waiter = None
+    if not isinstance(waiter, dict):
         if tell:
             log.warning("ignored and removed a ticket in the GPU queue that does not parse: %s", name)
         return None
-    return place
+    return waiter
 
 
-def wait_turn(slots, ticket, holder, owner, deadline, moved, stopped):
+def wait_turn(slots, ticket, holder_record, owner, deadline, moved, stopped):
     """Wait in line with ``ticket`` until its turn gives it a slot (handed to
     ``owner`` and returned), ``deadline`` (time.monotonic(); None: no limit)
     passes or ``stopped()`` (None). ``moved(position)`` hears its place
     (1 = next) after each look that did not serve it. Sleeps on the ticket's
     socket: a wake, a shutdown, or FALLBACK_S."""
     while not stopped():
-        slot, position = slots.line.turn(ticket, holder, slots, owner)
+        slot, position = slots.line.turn(ticket, holder_record, slots, owner)
         if slot is not None:
             return slot
         moved(position)
@@ -501,14 +505,14 @@ def line_order(waiting, served):
     recently (``served``: key -> time of its last turn), and within a key
     to the first arrived. So one key's backlog of 50 keeps another key's
     one request waiting behind one of them, not fifty. Without keys
-    (all None) this is arrival order. Batch items (``place["batch"]``) come
+    (all None) this is arrival order. Batch items (``waiter["batch"]``) come
     after every interactive request (README, "Batches")."""
-    batch = [(name, place) for name, place in waiting if place.get("batch")]
+    batch = [(name, waiter) for name, waiter in waiting if waiter.get("batch")]
     if batch and len(batch) < len(waiting):
         return line_order([w for w in waiting if not w[1].get("batch")], served) + line_order(batch, served)
     by_key = {}
-    for name, place in waiting:
-        by_key.setdefault(place.get("key") or "", collections.deque()).append((name, place))
+    for name, waiter in waiting:
+        by_key.setdefault(waiter.get("key") or "", collections.deque()).append((name, waiter))
     last = {key: served.get(key, 0.0) for key in by_key}
     order, turn = [], 0
     while by_key:
@@ -527,16 +531,16 @@ class Ticket:
     ``sock`` is what ``UpstreamCall.abort`` shuts down on a hang-up or a
     DELETE while the request waits: the sleep ends at once."""
 
-    def __init__(self, directory, name, place, fd, sock):
+    def __init__(self, directory, name, waiter, fd, sock):
         self.base = os.path.join(directory, name)
         self.name = name
-        self.place = place
+        self.waiter = waiter
         self.fd = fd
         self.sock = sock
         self.gone = False  # its files are removed: it is out of the line
 
     @classmethod
-    def issue(cls, directory, place):
+    def issue(cls, directory, waiter):
         """A new ticket, complete before it is seen: written under another
         name, then renamed (the flock stays with the file)."""
         name = "%020d" % time.monotonic_ns()
@@ -547,7 +551,7 @@ class Ticket:
             sock.bind(base + ".sock")
             fd = os.open(base + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, json.dumps(place).encode())
+            os.write(fd, json.dumps(waiter).encode())
             os.rename(base + ".new", base + ".ticket")
         except BaseException:
             sock.close()
@@ -555,7 +559,7 @@ class Ticket:
                 os.close(fd)
             _unlink(base + ".sock", base + ".new")
             raise
-        return cls(directory, name, place, fd, sock)
+        return cls(directory, name, waiter, fd, sock)
 
     def wait(self, timeout):
         """Sleep until a wake, a shutdown of ``sock``, or ``timeout``."""
@@ -634,15 +638,15 @@ class GpuChoice:
         self.down_s = down_s
         self.prefer_loaded_wait_s = prefer_loaded_wait_s
 
-    def choose(self, indexes, place):
-        """``indexes`` (slots) in the order to try them for ``place`` (its
+    def choose(self, indexes, waiter):
+        """``indexes`` (slots) in the order to try them for ``waiter`` (its
         ``model``; its ``since``, wall time, for PREFER_LOADED_WAIT_S)."""
         now = time.monotonic()
         indexes = list(indexes)
         up = [i for i in indexes if self.gpus[i].down_until <= now] or indexes
-        model = loaded_name(place.get("model"))
+        model = loaded_name(waiter.get("model"))
         has_model = [i for i in up if model in self.gpus[i].loaded]
-        since, patience = place.get("since"), self.prefer_loaded_wait_s
+        since, patience = waiter.get("since"), self.prefer_loaded_wait_s
         if has_model and patience > 0 and since is not None and time.time() - since < patience:
             return has_model  # wait a little for the slot that has the model loaded
         taken_longest_ago = sorted(up, key=self._taken_at)
@@ -659,7 +663,7 @@ class GpuChoice:
         now = time.monotonic()
         return next((i for i, gpu in enumerate(self.gpus) if gpu.down_until <= now), 0)
 
-    def due_for_a_look(self, index):
+    def loaded_models_stale(self, index):
         return time.monotonic() - self.gpus[index].looked_at >= self.LOOK_EVERY_S
 
     def seen(self, index, models):
@@ -671,7 +675,7 @@ class GpuChoice:
             gpu.loaded = frozenset(loaded_name(m.get("name") or m.get("model"))
                                    for m in models if isinstance(m, dict))
 
-    def looked(self, index):
+    def asked_loaded_models(self, index):
         """A look at upstream ``index`` was tried (answered or not)."""
         self.gpus[index].looked_at = time.monotonic()
 
@@ -683,7 +687,7 @@ class GpuChoice:
                 log.warning("upstream %s refused a connection: its slot is skipped for %s s", gpu.base, self.down_s)
             gpu.down_until = time.monotonic() + self.down_s
 
-    def in_doubt(self, index):
+    def ask_again_soon(self, index):
         """A request on upstream ``index`` failed: look at it again before the next request."""
         self.gpus[index].looked_at = 0.0
 

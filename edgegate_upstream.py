@@ -489,20 +489,20 @@ class Upstreams:
         """Where everything but inference goes (/api/tags, /api/show, /v1/models, GET /)."""
         return self.all[self.choice.first_up()]
 
-    def look(self, force=False):
+    def ask_loaded_models(self, force=False):
         """GET /api/ps of every upstream not looked at for LOOK_EVERY_S (one
         thread looks; the others use what is known). A refusal marks it down."""
         if not self.several or not self._looking.acquire(blocking=False):
             return
         try:
             for upstream in self.all:
-                if force or self.choice.due_for_a_look(upstream.index):
-                    self._look_at(upstream)
+                if force or self.choice.loaded_models_stale(upstream.index):
+                    self._ask_loaded_models_of(upstream)
         finally:
             self._looking.release()
 
-    def _look_at(self, upstream):
-        self.choice.looked(upstream.index)
+    def _ask_loaded_models_of(self, upstream):
+        self.choice.asked_loaded_models(upstream.index)
         try:
             answer = upstream.send("GET", "/api/ps", {"User-Agent": "edgegate-route"},
                                    timeout=(self.config.connect_timeout_s, 2.0))
@@ -519,9 +519,9 @@ class Upstreams:
         """``upstream`` refused a connection: its slot is skipped for a while."""
         self.choice.refused(upstream.index)
 
-    def in_doubt(self, upstream):
+    def failed_on(self, upstream):
         """A request on ``upstream`` failed: look at it again before the next request."""
-        self.choice.in_doubt(upstream.index)
+        self.choice.ask_again_soon(upstream.index)
 
     def sent(self, upstream, model, keep_alive):
         """What a request just sent does to ``upstream``'s loaded models."""

@@ -322,20 +322,20 @@ def take_slot(gateway, exchange):
     is 503 ``gpu_busy``; above 0 the request waits its turn in the line
     shared by every worker (``wait_in_line``), at most SLOT_WAIT_S. A client
     that leaves, or a DELETE, while the request waits ends the wait."""
-    holder = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
+    holder_record = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
               "since": round(time.time(), 3), "model": exchange.model}
     if isinstance(exchange.model, str) and len(exchange.model) > 200:  # the record is read from its first 4 KiB
-        holder["model"] = exchange.model[:200] + "..."
+        holder_record["model"] = exchange.model[:200] + "..."
     if exchange.key is not None:
-        holder["key"] = exchange.key.name
+        holder_record["key"] = exchange.key.name
     if exchange.batch is not None:  # it waits behind every interactive request (README, "Batches")
-        holder["batch"] = exchange.batch.batch_id
+        holder_record["batch"] = exchange.batch.batch_id
     slots, config = gateway.slots, gateway.config
-    gateway.upstreams.look()  # what each Ollama has loaded, if not known from the last few seconds
+    gateway.upstreams.ask_loaded_models()  # what each Ollama has loaded, if not known from the last few seconds
     if config.slot_wait_s > 0 or exchange.batch is not None:
-        wait_in_line(gateway, exchange, holder)
+        wait_in_line(gateway, exchange, holder_record)
     else:
-        slots.try_take(holder, {"model": exchange.model}, exchange.own_slot)
+        slots.try_take(holder_record, {"model": exchange.model}, exchange.own_slot)
     if exchange.slot is not None and gateway.upstreams.several:  # one upstream: the documents keep their shape
         exchange.task.set(slot=exchange.slot.index, upstream=gateway.upstreams.of_slot(exchange.slot.index).base)
     if exchange.call.reason:  # cancelled while waiting, maybe just as the slot came: the ending frees it
@@ -369,7 +369,7 @@ def refuse_remote_model(gateway, exchange, request):
                            "ALLOW_OLLAMA_CLOUD=1 to allow it)" % printable(model))
 
 
-def wait_in_line(gateway, exchange, holder):
+def wait_in_line(gateway, exchange, holder_record):
     """The slot at once when nobody waits and one is free; else a place at
     the end of the line until this request's turn comes, SLOT_WAIT_S runs
     out, or the client leaves or a DELETE comes. QUEUE_MAX waiters already,
@@ -378,9 +378,9 @@ def wait_in_line(gateway, exchange, holder):
     request, and is never refused."""
     config, slots = gateway.config, gateway.slots
     key = exchange.key.name if exchange.key else None  # its name (README, "Keys and their tasks"), never the key
-    place = dict(holder, model=exchange.model, key=key)
+    waiter = dict(holder_record, model=exchange.model, key=key)
     try:
-        slot, ticket = slots.line.join(place, holder, slots, exchange.own_slot,
+        slot, ticket = slots.line.join(waiter, holder_record, slots, exchange.own_slot,
                                        bound=None if exchange.batch else config.queue_max)
     except QueueFull as full:
         gateway.metrics.gpu_refused("queue_full")
@@ -397,7 +397,7 @@ def wait_in_line(gateway, exchange, holder):
         if exchange.stream and exchange.path.startswith("/v1/"):
             stream = QueuedStream(exchange, joined)
         deadline = None if exchange.batch else joined + config.slot_wait_s  # a batch item waits its turn
-        wait_turn(slots, ticket, holder, exchange.own_slot, deadline,
+        wait_turn(slots, ticket, holder_record, exchange.own_slot, deadline,
                   moved=lambda position: moved_up(gateway, exchange, stream, position),
                   stopped=lambda: exchange.call.reason is not None)
     except ConnectionAbortedError:  # the client left before the wait began
@@ -411,7 +411,7 @@ def wait_in_line(gateway, exchange, holder):
 
 def moved_up(gateway, exchange, stream, position):
     """The request's place in the line, told to its task and to a queued stream."""
-    gateway.upstreams.look()  # outside the line's lock: a look may take a round trip
+    gateway.upstreams.ask_loaded_models()  # outside the line's lock: a look may take a round trip
     if exchange.task.extensions.get("queue_position") != position:
         exchange.task.set(queue_position=position)
     if stream is not None:
@@ -523,7 +523,7 @@ def relay_answer(gateway, exchange, forward):
     /v1 (or one to be translated) is read and answered in the gateway's
     envelope; any other answer is relayed as it comes."""
     response = exchange.response
-    exchange.note(upstream_status=response.status_code)
+    exchange.update_task(upstream_status=response.status_code)
     if response.status_code >= 400 and (exchange.path.startswith("/v1/") or forward.translation):
         return answer_upstream_error(exchange, forward)
     translation = forward.translation
@@ -534,7 +534,7 @@ def relay_answer(gateway, exchange, forward):
             raise
         except Exception as error:  # reading the answer failed: a reset, urllib3's errors
             raise upstream_failure(exchange, error)
-        exchange.note(prompt_tokens=document["prompt_eval_count"], completion_tokens=document["eval_count"])
+        exchange.update_task(prompt_tokens=document["prompt_eval_count"], completion_tokens=document["eval_count"])
         return exchange.answer(200, document, outcome=outcome_of_answer(exchange, {}))
     if translation:
         headers = [("Content-Type", translation.content_type)]
@@ -612,7 +612,7 @@ class RelayReport:
         exchange.first_byte_at = time.monotonic()
         ttft = exchange.first_byte_at - exchange.started
         exchange.gateway.metrics.first_byte(ttft)
-        exchange.note(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
+        exchange.update_task(RUNNING, "streaming", "receiving the upstream's answer", ttft_ms=round(ttft * 1000, 1))
 
     def relayed(self, bytes_so_far, pieces_so_far):
         self.exchange.bytes_out = bytes_so_far
@@ -731,9 +731,9 @@ class Exchange:
         self.upstream = forward.upstream if forward.provider == "ollama" else None
         self.provider = forward.provider
         self.forwarded = True
-        self.note(RUNNING, "forwarding", "forwarded to %s" % forward.where)
+        self.update_task(RUNNING, "forwarding", "forwarded to %s" % forward.where)
 
-    def note(self, *change, **extensions):
+    def update_task(self, *change, **extensions):
         """A change of the task's document, when the exchange has a task."""
         if self.task is not None:
             self.task.set(*change, **extensions)
@@ -882,7 +882,7 @@ def upstream_failure(exchange, error):
     gateway = exchange.gateway
     upstream = gateway.cloud if exchange.provider == "openai" else (exchange.upstream or gateway.upstreams.all[0])
     if upstream is exchange.upstream:
-        gateway.upstreams.in_doubt(upstream)  # is it still there? looked at before the next request
+        gateway.upstreams.failed_on(upstream)  # is it still there? looked at before the next request
     return upstream_error(error, exchange.provider, upstream.base, gateway.retry_after)
 
 
@@ -1315,9 +1315,9 @@ def check(gateway, out=sys.stdout):
         print("store:     %s does NOT answer: %s" % (store.provider, error), file=out)
         ok = False
     for slot in gateway.slots.describe():
-        holder = "" if slot["state"] == "free" else " by pid %s%s" % (
+        held_by = "" if slot["state"] == "free" else " by pid %s%s" % (
             slot.get("pid"), " (task %s)" % slot["task_id"] if slot.get("task_id") else "")
-        print("slot %d:    %s%s  [%s]" % (slot["slot"], slot["state"], holder, slot["lock_file"]), file=out)
+        print("slot %d:    %s%s  [%s]" % (slot["slot"], slot["state"], held_by, slot["lock_file"]), file=out)
     return 0 if ok else 1
 
 
