@@ -23,8 +23,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     py_modules=["gateway", "status", "edgegate_batch", "edgegate_batch_api", "edgegate_body", "edgegate_check",
-                "edgegate_cloud", "edgegate_config", "edgegate_errors", "edgegate_hold", "edgegate_metrics", "edgegate_relay", "edgegate_remote", "edgegate_slots",
-                "edgegate_spool", "edgegate_ui", "edgegate_upstream", "edgegate_usage", "edgegate_worker"],
+                "edgegate_cloud", "edgegate_config", "edgegate_errors", "edgegate_hold", "edgegate_metrics",
+                "edgegate_relay", "edgegate_remote", "edgegate_slots", "edgegate_spool", "edgegate_ui",
+                "edgegate_upstream", "edgegate_usage", "edgegate_worker"],
     cmdclass={"build_py": BuildWithLivePage},
     python_requires=">=3.9",
     # zstandard: zstd request bodies (coding agents send them) before Python 3.14's compression.zstd.
