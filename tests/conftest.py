@@ -266,21 +266,32 @@ class GatewayProcess:
         return found["doc"]
 
 
-@pytest.fixture(scope="session")
-def start_gateway(stub_server):
-    """Start a gateway with extra environment; stopped at the end of the session."""
+@contextlib.contextmanager
+def gateways(stub_server, process=GatewayProcess):
+    """``start(conf, **env)``: a new gateway (a ``process``) in front of
+    the stub, with extra environment; all stopped, and their state
+    directories removed, when the block ends."""
     started = []
 
     def start(conf="gunicorn.conf.py", **env):
         env.setdefault("UPSTREAM_BASE", stub_server.url)
-        gateway = GatewayProcess(env, conf).start()
+        gateway = process(env, conf).start()
         started.append(gateway)
         return gateway
 
-    yield start
-    for gateway in started:
-        gateway.stop()
-        shutil.rmtree(gateway.state_dir, ignore_errors=True)
+    try:
+        yield start
+    finally:
+        for gateway in started:
+            gateway.stop()
+            shutil.rmtree(gateway.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def start_gateway(stub_server):
+    """Start a gateway with extra environment; stopped at the end of the session."""
+    with gateways(stub_server) as start:
+        yield start
 
 
 # The shared gateways answer 503 gpu_busy at once (SLOT_WAIT_S=0) rather than

@@ -32,7 +32,7 @@ import pytest
 import requests
 from langchain_ollama import ChatOllama
 
-from conftest import REPO, GatewayProcess, gateway_error, wait_until
+from conftest import REPO, GatewayProcess, gateway_error, gateways, wait_until
 
 DELAY = 0.2  # seconds each stubbed answer takes
 KNOBS = "delay=%s" % DELAY
@@ -141,8 +141,8 @@ def test_ollama_js_promise_all_of_eight_all_answered(drop_in, stub, node):
 
 class ColdGateway(GatewayProcess):
     """A gateway whose workers have served nothing yet: ready once gunicorn
-    listens and both workers are forked (no /healthz first, which would
-    start one worker's services before the test's own requests)."""
+    listens (no /healthz first: the test's own requests are the first its
+    workers serve)."""
 
     def _healthy(self):
         if self.process.poll() is not None:
@@ -156,17 +156,8 @@ class ColdGateway(GatewayProcess):
 
 @pytest.fixture
 def cold_start(stub_server):
-    started = []
-
-    def start(conf="gunicorn.conf.py", **env):
-        gateway = ColdGateway(dict(env, UPSTREAM_BASE=stub_server.url), conf).start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
-        shutil.rmtree(gateway.state_dir, ignore_errors=True)
+    with gateways(stub_server, ColdGateway) as start:
+        yield start
 
 
 def test_sixteen_first_requests_on_a_fresh_store_are_all_answered(cold_start, stub):
