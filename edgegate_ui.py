@@ -113,9 +113,12 @@ def live_state(seen, board, key, loaded):
     """GET /ui/state: the slots and the line as ``key`` may see them
     (``seen``: /slots filtered by gateway.seen_by), the running tasks with
     their tokens so far, the last finished ones, and ``loaded`` (the models
-    each upstream has loaded). Each task the key may cancel carries
+    each upstream has loaded; their names for the admin only). Each task the key may cancel carries
     ``cancel``, the id to DELETE at /tasks/. A store that does not answer
     leaves the tasks out and says so; the slots are still shown."""
+    if key is not None and not key.admin:  # which models are loaded tells what other keys run: names withheld
+        loaded = [dict(upstream, models=[dict(model, name=None) for model in upstream["models"]])
+                  for upstream in loaded]
     state = {"now": round(time.time(), 3), "key": _viewer(key), "slots": seen["slots"], "queue": seen["queue"],
              "running": [], "recent": [], "loaded": loaded}
     for entry in state["slots"] + state["queue"]:

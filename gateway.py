@@ -1077,7 +1077,7 @@ def own_route(gateway, exchange):
     raise GatewayError(404, "not_found", "no route for %s %s" % (method, printable(path)))
 
 
-DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")  # a whole value: fullmatch
 
 
 def usage_answer(gateway, exchange):
@@ -1104,7 +1104,7 @@ def usage_answer(gateway, exchange):
 
 def _is_date(text):
     try:
-        return bool(DATE_RE.match(text)) and day_start(text) is not None
+        return bool(DATE_RE.fullmatch(text)) and day_start(text) is not None
     except ValueError:
         return False
 
@@ -1117,7 +1117,7 @@ def seen_by(key, seen):
         for entry in seen["slots"] + seen["queue"]:
             entry.pop("loaded", None)
             if entry.get("key") != key.name:
-                for private in ("task_id", "model", "key"):
+                for private in ("task_id", "model", "key", "batch"):
                     entry.pop(private, None)
     return seen
 

@@ -108,7 +108,7 @@ def test_a_person_sees_a_request_run_and_one_wait_and_cancels_both(gw, page, tmp
     waiting = raw_request(gw, "/api/chat", CHAT, [("X-Task-Id", "story-wait"), ("Authorization", "Bearer " + ALICE)])
     expect(row_of(page, "queue", "story-wait")).to_be_visible(timeout=2000)
     assert row_of(page, "queue", "story-wait").locator("td").first.inner_text() == "1"  # its position
-    expect(page.locator("#loaded")).to_contain_text("llama3.2:latest")
+    expect(page.locator("#loaded")).to_contain_text("(a model; its name is for the admin)")  # alice is no admin
     expect(page.locator("#usage")).to_contain_text("usage" if gw.get("/usage", headers=as_key(ALICE)).status_code == 404
                                                    else "alice")
     shot = tmp_path / "live-page.png"
@@ -138,13 +138,16 @@ def test_another_key_sees_the_slot_held_but_not_whose_task_nor_its_model(gw, pag
                                                  ("Authorization", "Bearer " + ALICE), ("X-Stub", SLOW_STREAM)])
     try:
         assert wait_until(lambda: state(gw, ALICE)["running"], 3)
+        assert wait_until(lambda: "llama3.2:latest" in str(state(gw, ROOT)["loaded"]), 3)  # Ollama has it loaded
         seen = state(gw, BOB)
         assert seen["slots"][0]["state"] == "held"
-        assert "alices-secret-job" not in str(seen) and "llama3.2" not in str(seen["slots"] + seen["running"])
+        assert "alices-secret-job" not in str(seen) and "llama3.2" not in str(seen)  # nor among the loaded models
+        assert [m["name"] for m in seen["loaded"][0]["models"]] == [None]  # one loaded, whose name bob is not told
         assert seen["running"] == [] and "cancel" not in seen["slots"][0]
         open_with_key(page, gw, BOB)
         expect(page.locator("#slots")).to_contain_text("held")
-        assert "alices-secret-job" not in page.content()
+        expect(page.locator("#loaded")).to_contain_text("its name is for the admin")
+        assert "alices-secret-job" not in page.content() and "llama3.2" not in page.content()
         assert page.locator("button.cancel").count() == 0
         admin = state(gw, ROOT)  # the admin sees it, and cancels it as <key name>/<id>
         assert admin["running"][0]["cancel"] == admin["slots"][0]["cancel"] == "alice/alices-secret-job"
