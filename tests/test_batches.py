@@ -197,7 +197,12 @@ def test_keys_own_their_files_and_batches(start_gateway, tmp_path, stub):
     keys.write_text("sk-alice alice\nsk-bob bob\nsk-root root admin\n")
     gateway = start_gateway(GATEWAY_API_KEYS="@" + str(keys), SLOT_WAIT_S="30", WORKERS="1")
     alice, bob, root = (client_of(gateway, k) for k in ("sk-alice", "sk-bob", "sk-root"))
+    stub.defaults = {"delay": "0.3"}
     batch = submit(alice, chat_lines(2))
+    as_root, as_bob = ({"Authorization": "Bearer " + k} for k in ("sk-root", "sk-bob"))
+    assert wait_until(lambda: gateway.get("/slots", headers=as_root).json()["slots"][0].get("batch") == batch.id,
+                      10, 0.02)
+    assert batch.id not in gateway.get("/slots", headers=as_bob).text  # held by a batch item, but whose is not said
     with pytest.raises(openai.NotFoundError):
         bob.batches.retrieve(batch.id)
     with pytest.raises(openai.NotFoundError):
@@ -209,6 +214,8 @@ def test_keys_own_their_files_and_batches(start_gateway, tmp_path, stub):
     task = gateway.get("/tasks/status/" + line["response"]["request_id"],
                        headers={"Authorization": "Bearer sk-alice"}).json()
     assert task["extensions"]["key"] == "alice" and task["extensions"]["batch"] == batch.id
+    today = gateway.get("/usage", headers={"Authorization": "Bearer sk-alice"}).json()["days"]["today"]
+    assert sum(figures["requests"] for figures in today["alice"].values()) == 2  # its items count as her requests
 
 
 # ---------------------------------------------------------------- Anthropic's Message Batches
