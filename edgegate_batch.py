@@ -39,10 +39,11 @@ import uuid
 
 import redis
 
-from edgegate_body import OLLAMA_CLOUD_MODEL_RE
+from edgegate_body import refuse_ollama_cloud
 from edgegate_config import BATCH_FORM_BYTES
 from edgegate_errors import GatewayError, printable
-from status import redis_client
+from edgegate_usage import seconds_to_midnight
+from status import redis_client, use_wal
 
 log = logging.getLogger("edgegate")
 
@@ -79,7 +80,7 @@ def write_durably(path, pieces):
     temporary = "%s.%s.new" % (path, uuid.uuid4().hex[:8])
     size = 0
     try:
-        with open(temporary, "wb") as f:
+        with private_file(temporary) as f:
             for piece in pieces:
                 f.write(piece)
                 size += len(piece)
@@ -91,6 +92,19 @@ def write_durably(path, pieces):
         raise
     _fsync_directory(os.path.dirname(path))
     return size
+
+
+def private_file(path):
+    """``path``, new, open for writing, readable by the gateway's user alone:
+    batch files hold prompts and answers."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
+
+
+def private_directory(path):
+    """``path`` made, the gateway user's alone (0700), also when an earlier
+    release made it open."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 def _fsync_directory(directory):
@@ -120,7 +134,8 @@ class BatchFiles:
         return os.path.join(self.dir, file_id)
 
     def _ready(self):
-        os.makedirs(self.dir, exist_ok=True)
+        private_directory(os.path.dirname(self.dir))  # STATE_DIR/batch: its runner.lock too
+        private_directory(self.dir)
 
     def add(self, pieces, owner, purpose, filename, file_id=None, lines=None):
         """A new file of ``pieces``; its description (OpenAI's file object, with ``owner``)."""
@@ -173,7 +188,7 @@ class BatchFiles:
         """An open temporary file in this directory, for an upload; rename with ``adopt``."""
         self._ready()
         path = os.path.join(self.dir, "upload-%s.new" % uuid.uuid4().hex)
-        return path, open(path, "wb")
+        return path, private_file(path)
 
 
 # ================================================================ the store
@@ -241,8 +256,9 @@ CREATE TABLE IF NOT EXISTS outcomes (batch TEXT NOT NULL, line INTEGER NOT NULL,
     def _connection(self):
         """This process's one connection (opened anew after a fork), used under ``self._lock``."""
         if self._db is None or self._pid != os.getpid():
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))  # answers: the gateway user's
             self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            use_wal(self._db)  # SQLite gives its -wal and -shm files the database file's mode
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(self.SCHEMA)
             self._pid = os.getpid()
@@ -295,19 +311,22 @@ CREATE TABLE IF NOT EXISTS outcomes (batch TEXT NOT NULL, line INTEGER NOT NULL,
 
 class RedisBatchStore(BatchStore):
     """Keys under STATUS_PREFIX, beside the tasks and apart from them (a task
-    id cannot start with "_"): ``_batch:<id>`` (the document),
-    ``_batches`` (a sorted set by creation), ``_batch_cancel`` (a hash of
-    cancel times), ``_batch_out:<id>`` (a hash line -> outcome, ``HSETNX``).
-    No TTL: a batch is kept until it is deleted."""
+    id cannot start with "_"), and apart from other boxes' batches: a
+    batch's files are on the disk of the box that made it, so one Redis
+    shared by several boxes keeps each box's batches under its own ``box``
+    id (``box_id``). Under ``<prefix>_<box>:``: ``batch:<id>`` (the
+    document), ``batches`` (a sorted set by creation), ``batch_cancel`` (a
+    hash of cancel times), ``batch_out:<id>`` (a hash line -> outcome,
+    ``HSETNX``). No TTL: a batch is kept until it is deleted."""
 
     provider = "redis"
 
-    def __init__(self, client, prefix):
+    def __init__(self, client, prefix, box):
         self.client = client
-        self.prefix = prefix
+        self.prefix = "%s_%s:" % (prefix, box)
 
     def _key(self, *parts):
-        return self.prefix + "_" + ":".join(parts)
+        return self.prefix + ":".join(parts)
 
     def save(self, batch):
         pipe = self.client.pipeline(transaction=True)
@@ -360,7 +379,29 @@ def open_batch_store(config):
     Longer timeouts than the task store's: an outcome is worth a wait."""
     if not (config.redis_url or config.redis_host):
         return SqliteBatchStore(os.path.join(config.state_dir, "batches.sqlite3"))
-    return RedisBatchStore(redis_client(config, socket_timeout=5, socket_connect_timeout=2), config.status_prefix)
+    return RedisBatchStore(redis_client(config, socket_timeout=5, socket_connect_timeout=2), config.status_prefix,
+                           box_id(config.state_dir))
+
+
+def box_id(state_dir):
+    """This box's batch namespace in a shared Redis: a random id kept in
+    ``STATE_DIR/batch/box-id``, beside the files it goes with. Made once:
+    written whole under another name, then linked to its own (which fails
+    if another worker's is there first: that one is read)."""
+    path = os.path.join(state_dir, "batch", "box-id")
+    private_directory(os.path.dirname(path))
+    if not os.path.exists(path):
+        temporary = "%s.%s.new" % (path, uuid.uuid4().hex[:8])
+        with private_file(temporary) as f:
+            f.write(uuid.uuid4().hex[:16].encode())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            _remove(temporary)
+    with open(path, encoding="ascii") as f:
+        return f.read().strip()
 
 
 # ================================================================ reading an upload
@@ -608,10 +649,10 @@ def item_request(batch, raw, seen, config):
         body = _anthropic_body(line, custom_id)
     else:
         body = _openai_body(batch, line)
-    model = body.get("model")
-    if isinstance(model, str) and OLLAMA_CLOUD_MODEL_RE.search(model) and not config.allow_ollama_cloud:
-        raise LineError("cloud_model_disabled", "%s is an Ollama cloud model, run by ollama.com on this box "
-                        "owner's account; it is disabled on this gateway (ALLOW_OLLAMA_CLOUD)" % printable(model))
+    try:  # refused at once, as the request itself would be (edgegate_body.py)
+        refuse_ollama_cloud(config, body.get("model"))
+    except GatewayError as error:
+        raise LineError(error.code, error.message)
     if body.get("stream"):
         raise LineError("invalid_request", "stream is not supported in a batch: the result is written to a file")
     return custom_id, batch["endpoint"], json.dumps(body).encode()
@@ -670,10 +711,19 @@ def anthropic_line(outcome):
 def passing_failure(outcome):
     """An answer that may well be different in a while: the upstream or the
     store unreachable, a timeout -- but not a cancel by DELETE of the item's task."""
+    return outcome.get("status_code") in (502, 503, 504) and _error_code(outcome) != "cancelled"
+
+
+def over_quota(outcome):
+    """The gateway refused the item: its key is over a daily quota (README, "Usage and quotas")."""
+    return outcome.get("status_code") == 429 and _error_code(outcome) == "quota_exceeded"
+
+
+def _error_code(outcome):
+    """The gateway's ``code`` in an error answer (both envelopes carry it under ``error``)."""
     body = outcome.get("body")
     error = body.get("error") if isinstance(body, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return outcome.get("status_code") in (502, 503, 504) and code != "cancelled"
+    return error.get("code") if isinstance(error, dict) else None
 
 
 def succeeded(outcome):
@@ -779,9 +829,10 @@ class BatchRunner:
         self.wakeup.set()
 
     def _run(self):
-        os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+        private_directory(os.path.dirname(self.lock_path))
         while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # 0600: another user who could open it could hold its flock and stop every batch
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -817,13 +868,20 @@ class BatchTurns:
         self.batches, self.gateway = batches, gateway
         self.work = {}  # batch id -> Work
         self.served = {}  # owner -> time.monotonic() of its last item
+        self.resting = {}  # owner -> time.time() until which its key is over a daily quota
 
     def turn(self):
-        """Advance the next batch by one step; False when there is none."""
-        store = self.batches.store
+        """Advance the next batch by one step; False when there is none.
+        The batches of a key over its daily quota rest until the quotas
+        start again (midnight UTC), but for a cancel or their window's end."""
+        store, now = self.batches.store, time.time()
         live = [b for b in store.all() if b["status"] not in ENDED]
         if not live:
             self.forget()
+            return False
+        live = [b for b in live if self.resting.get(b["owner"], 0.0) <= now or now >= b["expires_at"]
+                or store.cancel_asked(b["id"]) is not None]
+        if not live:
             return False
         live.sort(key=lambda b: (self.served.get(b["owner"], 0.0), b["created_at"]))
         self.advance(live[0])
@@ -847,6 +905,13 @@ class BatchTurns:
         line, custom_id, offset, length = work.pending.popleft()
         path, body = work.request_of(offset, length, self.batches.config)
         outcome = run_item(self.gateway, self.batches, batch, line, custom_id, path, body)
+        if over_quota(outcome):  # not the item's failure: it runs when the key's quotas start again
+            log.warning("batch %s: key %s is over its daily quota; its batches wait until midnight UTC",
+                        batch["id"], printable(str(batch["owner"])))
+            work.pending.appendleft((line, custom_id, offset, length))
+            now = time.time()
+            self.resting[batch["owner"]] = now + seconds_to_midnight(now)
+            return
         tries = work.tries[line] = work.tries.get(line, 0) + 1
         if passing_failure(outcome) and tries < self.TRIES:  # Ollama restarting, say: try it again in a while
             log.warning("batch %s line %d: %s (try %d of %d)", batch["id"], line, outcome["status_code"], tries,

@@ -384,7 +384,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         if self._db is None or self._pid != os.getpid():
             db = sqlite3.connect(self.path, timeout=STORE_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             try:
-                _use_wal(db)
+                use_wal(db)
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(self.SCHEMA)
             except BaseException:
@@ -480,7 +480,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_created ON tasks (created);
         self._connection().execute("SELECT 1").fetchone()
 
 
-def _use_wal(db):
+def use_wal(db):
     """WAL mode, which the file keeps once set. Setting it needs the
     file to itself, and fails with "database is locked" when another
     process opens the file meanwhile (two workers' first requests on a

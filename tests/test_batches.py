@@ -178,6 +178,22 @@ def test_an_interactive_request_during_a_batch_waits_for_one_item_at_most(gw, st
     wait_batch(client, batch.id)
 
 
+def test_batch_files_and_state_are_the_gateway_users_alone(gw, stub):
+    """Prompts and answers on disk: 0600 files in 0700 directories; the
+    runner's lock too (another user holding its flock would stop every batch)."""
+    client = client_of(gw)
+    batch = wait_batch(client, submit(client, chat_lines(2)).id)
+    assert batch.status == "completed"
+    state = os.path.join(gw.state_dir, "batch")
+    modes = {os.path.relpath(os.path.join(root, name), gw.state_dir): os.stat(os.path.join(root, name)).st_mode & 0o777
+             for root, dirs, files in os.walk(state) for name in dirs + files}
+    modes["batch"] = os.stat(state).st_mode & 0o777
+    modes["batches.sqlite3"] = os.stat(os.path.join(gw.state_dir, "batches.sqlite3")).st_mode & 0o777
+    assert {name for name, mode in modes.items() if mode not in (0o600, 0o700)} == set(), modes
+    assert modes["batch"] == modes[os.path.join("batch", "files")] == 0o700 and modes["batch/runner.lock"] == 0o600
+    assert any(name.endswith(batch.output_file_id) for name in modes)
+
+
 def test_slots_and_tasks_show_batch_items_and_metrics_count_them(gw, stub):
     stub.defaults = {"delay": "0.3"}
     client = client_of(gw)
@@ -190,6 +206,27 @@ def test_slots_and_tasks_show_batch_items_and_metrics_count_them(gw, stub):
     metrics = gw.get("/metrics").text
     assert 'edgegate_batch_items_total{endpoint="/v1/chat/completions",outcome="succeeded"}' in metrics
     assert 'edgegate_batches{status="completed"}' in metrics
+
+
+def test_a_key_over_its_quota_has_its_batch_wait_for_midnight_not_fail(start_gateway, tmp_path, stub):
+    """Items count toward the key's daily quota; once it is used up the rest
+    of the batch waits (in_progress, nothing failed) instead of filling the
+    error file with 429s, and a cancel still ends it at once."""
+    keys = tmp_path / "keys"
+    keys.write_text("sk-carol carol tokens_per_day=1\n")
+    gateway = start_gateway(GATEWAY_API_KEYS="@" + str(keys), SLOT_WAIT_S="30", WORKERS="1")
+    carol = client_of(gateway, "sk-carol")
+    batch = submit(carol, chat_lines(4))
+    assert wait_until(lambda: carol.batches.retrieve(batch.id).request_counts.completed >= 1, 10, 0.1)
+    time.sleep(2)  # the runner would have run (or failed) the other three by now
+    seen = carol.batches.retrieve(batch.id)
+    assert seen.status == "in_progress" and seen.request_counts.failed == 0, seen
+    assert seen.request_counts.completed == 1  # the first item took the day's one token and more
+    assert "over its daily quota; its batches wait until midnight UTC" in gateway.read_log()
+    carol.batches.cancel(batch.id)
+    ended = wait_batch(carol, batch.id)
+    assert ended.status == "cancelled" and ended.request_counts.completed == 1
+    assert len(output_lines(carol, ended.output_file_id)) == 1
 
 
 def test_keys_own_their_files_and_batches(start_gateway, tmp_path, stub):
@@ -366,13 +403,25 @@ def test_batches_of_two_keys_take_turns(start_gateway, tmp_path, stub):
 # ---------------------------------------------------------------- the other store, and memory
 
 
-def test_a_batch_on_the_redis_store_completes(start_gateway, redis_server, stub):
-    gateway = start_gateway(REDIS_URL=redis_server.url, SLOT_WAIT_S="30", WORKERS="1")
-    client = client_of(gateway)
-    batch = wait_batch(client, submit(client, chat_lines(4)).id)
-    assert batch.status == "completed" and len(custom_ids_once(client, batch)) == 4
-    keys = {k.decode() for k in redis_server.client().keys("ts:ollama:_batch*")}
-    assert "ts:ollama:_batch:" + batch.id in keys and "ts:ollama:_batch_out:" + batch.id in keys
+def test_two_boxes_on_one_redis_each_run_their_own_batches(start_gateway, redis_server, stub):
+    """The batches' state is in the shared Redis, their files on each box's
+    disk: each box runs, lists and answers for its own batches only (the
+    other box never picks one up and fails it for a missing file)."""
+    one, two = (start_gateway(REDIS_URL=redis_server.url, SLOT_WAIT_S="30", WORKERS="1") for _ in range(2))
+    first, second = client_of(one), client_of(two)
+    made_on_one = submit(first, chat_lines(4))
+    made_on_two = submit(second, chat_lines(3))
+    batch = wait_batch(first, made_on_one.id)
+    assert batch.status == "completed" and len(custom_ids_once(first, batch)) == 4
+    assert wait_batch(second, made_on_two.id).status == "completed"
+    assert [b.id for b in first.batches.list()] == [made_on_one.id]
+    with pytest.raises(openai.NotFoundError):
+        second.batches.retrieve(made_on_one.id)
+    boxes = {open(os.path.join(g.state_dir, "batch", "box-id")).read() for g in (one, two)}
+    keys = {k.decode() for k in redis_server.client().keys("ts:ollama:_*:batch*")}
+    assert len(boxes) == 2 and {k.split(":")[2] for k in keys} == {"_" + box for box in boxes}
+    assert any(k.endswith(":batch:" + batch.id) for k in keys) and any(k.endswith(":batch_out:" + batch.id)
+                                                                         for k in keys)
 
 
 class LazyBody:
@@ -430,7 +479,7 @@ def batch_store(request, tmp_path):
         return SqliteBatchStore(str(tmp_path / "batches.sqlite3"))
     server = request.getfixturevalue("redis_server")
     prefix = "test:%s:" % os.urandom(4).hex()
-    return RedisBatchStore(server.client(), prefix)
+    return RedisBatchStore(server.client(), prefix, "box1")
 
 
 def test_both_batch_stores_keep_an_outcome_once_and_the_counts_with_it(batch_store):
