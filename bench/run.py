@@ -801,7 +801,7 @@ def main():
                 with open(litellm.process.log, errors="replace") as f:
                     tail = f.read()[-1500:]
                 notes.append("LiteLLM did not start (%s); the end of its log:\n%s" % (failure, tail))
-        single = start_edgegate(procs, stub.url, GPU_SLOTS="1")
+        single = start_edgegate(procs, stub.url, GPU_SLOTS="1", SLOT_WAIT_S="0")  # 503 at once while it is held
         results["targets"] = list(targets)
         summary = results["summary"] = {k: {} for k in targets}
         gateways = {k: v for k, v in targets.items() if k != "LiteLLM"}  # the rows in Ollama's own API
