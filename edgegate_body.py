@@ -52,6 +52,8 @@ OLLAMA_CLOUD_MODEL_RE = re.compile(r"(?:[-:]\s*cloud|:[^:/]*-cloud)\s*\Z", re.IG
 # "web_search" (openai/responses.go isWebSearchTool).
 WEB_SEARCH_TOOLS = {"/v1/messages": lambda kind: kind.startswith("web_search"),
                     "/v1/responses": lambda kind: kind == "web_search"}
+
+
 @dataclasses.dataclass
 class ProxiedRequest:
     """What the client asked for, checked: the body to send upstream (a

@@ -512,6 +512,8 @@ def prepare_store(config):
     except Exception as error:
         log.warning("task store (%s) could not be prepared: %s", "redis" if config.redis_url or config.redis_host
                     else "sqlite", error)
+
+
 def redis_client(config, **options):
     """A client of the Redis the configuration names (REDIS_URL, or REDIS_HOST and the rest)."""
     if config.redis_url:
