@@ -409,6 +409,8 @@ class SlotLine:
 def key_waits(waiting, key):
     """Whether ``key`` (a name, or None) has a request among ``waiting``."""
     return any(waiter.get("key") == key for _, waiter in waiting)
+
+
 TICKET_NAME_DIGITS = 20
 
 
