@@ -26,6 +26,7 @@ from edgegate_batch import (ANTHROPIC_ENDPOINT, ENDED, ENDPOINTS, MAX_LINES, new
                             shown_status)
 from edgegate_body import read_json_body
 from edgegate_errors import GatewayError, printable
+from edgegate_spool import give_back_given_share
 
 ROUTE_PREFIXES = ("/v1/files", "/v1/batches", "/v1/messages/batches")
 LISTED_PURPOSES = ("batch", "batch_output")  # Anthropic's input and results files are the batch's own
@@ -91,6 +92,7 @@ def known_file(gateway, exchange, file_id):
 
 def upload_file(gateway, exchange):
     """POST /v1/files: a JSONL file for a batch, streamed to disk."""
+    give_back_given_share()  # never whole in memory: the body budget the worker took for it goes back
     batches = gateway.batches
     purpose, filename, temporary, lines = read_upload(exchange.environ, batches.files,
                                                       gateway.config.batch_max_file_bytes)

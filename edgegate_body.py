@@ -20,7 +20,7 @@ import urllib.parse
 import zlib
 
 from edgegate_errors import GatewayError, printable, short_message
-from edgegate_spool import PIECE, SpoolFailed
+from edgegate_spool import PIECE, SpoolFailed, take_given_share
 
 
 # Every POST route that runs a model, and the kind of body it has: "json", or
@@ -75,6 +75,9 @@ class ProxiedRequest:
         """The cloud route's body is built: keep only what the exchange reads."""
         if self.document is not None:
             self.document = {k: self.document[k] for k in ("model", "keep_alive", "stream") if k in self.document}
+        self.give_back_share()
+
+    def give_back_share(self):
         share, self.share = self.share, None
         if share is not None:
             share.release()
@@ -113,17 +116,22 @@ def read_request(config, room, environ, path, method, key):
                                "a line 'KEY NAME admin' in the key file)" % path)
     if path.startswith("/v1/models/") and method in ("GET", "HEAD"):  # Ollama asks ollama.com about a cloud model
         refuse_ollama_cloud(config, path[len("/v1/models/"):].strip())
+    given = take_given_share()  # the budget the worker took for a large body before this thread had it
     request = None
     try:
         body, decoded = decoded_body(environ, read_body(environ, config.max_body_bytes, room),
                                      config.max_body_bytes, room)
-        request = ProxiedRequest(path, method, body, decoded=decoded)
+        request, given = ProxiedRequest(path, method, body, decoded=decoded, share=given), None
         kind = INFERENCE_ROUTES.get(path) if method == "POST" else None
         if path == "/api/show" and method == "POST":
-            refuse_cloud_show(config, room, body)
+            refuse_cloud_show(config, room, request)
         if kind is not None:
             read_document(config, room, environ, request, kind)
+        else:
+            request.give_back_share()  # passed on as it came: never whole in memory
     except BaseException as error:
+        if given is not None:
+            given.release()
         if request is not None:
             request.close()
         if isinstance(error, SpoolFailed):
@@ -138,7 +146,7 @@ def read_document(config, room, environ, request, kind):
     when changed). Only the few fields the rest of the exchange reads are
     kept afterwards, and the budget is given back -- but for the cloud
     route, which builds its own body from the document later."""
-    share = take_share(room, request.body, kind)
+    share, request.share = take_share(room, request.body, kind, request.share), None
     try:
         if kind == "multipart":
             models = form_models(environ, request.body.read_all())
@@ -173,15 +181,24 @@ def rewrite(request, body):
     request.body = body
 
 
-def take_share(room, body, kind):
+def take_share(room, body, kind, given=None):
     """The budget a body needs to be read whole (None for a small one,
-    which stays in memory anyway): its text's size in memory, or 503 with
-    Retry-After past BODY_WAIT_S (README, "Large request bodies")."""
+    which stays in memory anyway): its text's size in memory. ``given``:
+    the share the worker took before the request had a thread, made exact
+    now; without one (a batch item, another server than gunicorn) the turn
+    is waited for here, and past BODY_WAIT_S it is 503 with Retry-After
+    (README, "Large request bodies")."""
     if not body.on_disk:
+        if given is not None:
+            given.release()
         return None
     # A form is parsed by the email package, which keeps the whole body as
     # text with escaped bytes (2 bytes a byte) beside the bytes: 4 per byte, counted.
-    share = room.budget.take(len(body) * (4 if kind == "multipart" else body.width), room.wait_s)
+    cost = len(body) * (4 if kind == "multipart" else body.width)
+    if given is not None:
+        given.resize(cost)
+        return given
+    share = room.budget.take(cost, room.wait_s)
     if share is None:
         raise GatewayError(503, "body_memory_busy", "this worker is reading as many large request bodies as "
                            "BODY_MEMORY_BYTES allows; retry shortly", headers=[("Retry-After", "1")])
@@ -269,17 +286,17 @@ def refuse_web_search(config, path, document):
                                    "disabled on this gateway (set ALLOW_OLLAMA_CLOUD=1 to allow it)")
 
 
-def refuse_cloud_show(config, room, body):
+def refuse_cloud_show(config, room, request):
     """POST /api/show of a cloud model makes Ollama ask ollama.com; it reads
     ``model``, or ``name`` when model is empty (server/routes.go ShowHandler).
     A body the gateway cannot read as Ollama does is refused."""
     if config.allow_ollama_cloud:
         return
-    share = take_share(room, body, "json")
+    share, request.share = take_share(room, request.body, "json", request.share), None
     try:
-        document = parse_json_object(body)
+        document = parse_json_object(request.body)
     finally:
-        body.written()  # read again from its start when it is sent
+        request.body.written()  # read again from its start when it is sent
         if share is not None:
             share.release()
     for model in keys_read_as(document, "model") + keys_read_as(document, "name"):
@@ -330,9 +347,15 @@ def read_json_body(environ, room, limit, setting="MAX_BODY_BYTES"):
     """The JSON object of a body the gateway answers itself (a batch's):
     read as every body is -- spooled, decoded, within the worker's budget
     for parsing, as strictly as Ollama reads JSON."""
-    body, _ = decoded_body(environ, read_body(environ, limit, room, setting), limit, room, setting)
+    given = take_given_share()
     try:
-        share = take_share(room, body, "json")
+        body, _ = decoded_body(environ, read_body(environ, limit, room, setting), limit, room, setting)
+    except BaseException:
+        if given is not None:
+            given.release()
+        raise
+    try:
+        share = take_share(room, body, "json", given)
         try:
             return parse_json_object(body)
         finally:

@@ -8,11 +8,14 @@ file under STATE_DIR, unlinked at once, so that it is gone when closed or
 when the process dies (``Spool``). What must be whole in memory -- an
 inference body, parsed as JSON -- is parsed under the worker's budget
 (``BodyBudget``, BODY_MEMORY_BYTES): a body that does not fit waits its
-turn, at most BODY_WAIT_S, then gets 503 with ``Retry-After``.
+turn, at most BODY_WAIT_S, then gets 503 with ``Retry-After``. Under
+gunicorn the turn is waited for by the worker's poller, before the request
+has a thread (edgegate_worker.py); the share it takes is handed to the
+application in the request's thread (``give_share``, ``take_given_share``).
 
-    room = BodyRoom(config)           # per worker, after the fork
+    room = BodyRoom(config)           # one per process
     spool = room.spool()              # write pieces, then read or forward it
-    share = room.budget.take(cost, room.wait_s)
+    share = room.budget.try_take(cost) or room.budget.take(cost, room.wait_s)
 """
 
 import collections
@@ -30,6 +33,14 @@ PIECE = 64 * 1024  # how much of a body is read, decoded or written at a time
 # (PEP 393), so a body's text can take four times its bytes.
 WIDER_THAN_LATIN1 = re.compile(rb"[\xc4-\xf4]")
 ASTRAL = re.compile(rb"[\xf0-\xf4]")
+
+
+def text_width(data, width=1):
+    """The bytes a character of ``data``'s text takes in a Python str, at
+    least ``width``: 1, 2 or 4 (see WIDER_THAN_LATIN1)."""
+    if width < 4 and WIDER_THAN_LATIN1.search(data):
+        return max(width, 4 if ASTRAL.search(data) else 2)
+    return width
 
 
 class SpoolFailed(Exception):
@@ -57,8 +68,7 @@ class Spool:
         except OSError as error:
             raise SpoolFailed("the request body could not be stored in %s: %s" % (self.directory, error.strerror))
         self.size += len(data)
-        if self.width < 4 and WIDER_THAN_LATIN1.search(data):
-            self.width = 4 if ASTRAL.search(data) else 2
+        self.width = text_width(data, self.width)
 
     def written(self):
         """Writing is over: reading starts from the beginning."""
@@ -112,6 +122,14 @@ class Share:
         if budget is not None:
             budget.give_back(self.cost)
 
+    def resize(self, cost):
+        """Now ``cost`` bytes: the worker's estimate made exact once the
+        body is decoded. Less gives the rest back; more is taken at once
+        (the body is already being read)."""
+        if self.budget is not None:
+            self.budget.give_back(self.cost - cost)
+            self.cost = cost
+
     def __enter__(self):
         return self
 
@@ -134,6 +152,16 @@ class BodyBudget:
         self.used = 0
         self._turns = collections.deque()
         self._changed = threading.Condition()
+        self.on_free = None  # called (from any thread) when part of the budget is given back: the worker's wake
+
+    def try_take(self, cost):
+        """A Share of ``cost`` bytes now, or None: for the worker's poller,
+        which never waits. None too while a thread waits its turn (``take``)."""
+        with self._changed:
+            if self._turns or not (self.used == 0 or self.used + cost <= self.size):
+                return None
+            self.used += cost
+            return Share(self, cost)
 
     def take(self, cost, wait_s):
         """A Share of ``cost`` bytes, or None when none came within ``wait_s``."""
@@ -154,14 +182,43 @@ class BodyBudget:
                 self._changed.notify_all()
 
     def give_back(self, cost):
+        """``cost`` bytes back (less than 0: taken, see ``Share.resize``)."""
         with self._changed:
             self.used -= cost
             self._changed.notify_all()
+        if cost > 0 and self.on_free is not None:
+            self.on_free()
+
+
+# The share the worker's poller took for a request's body before the request
+# had a thread (edgegate_worker.py), handed to the application in that thread.
+_given = threading.local()
+
+
+def give_share(share):
+    """The worker, in the request's thread, before the application runs."""
+    _given.share = share
+
+
+def take_given_share():
+    """The application: the share taken for this request's body, now its own (None if none)."""
+    share = getattr(_given, "share", None)
+    _given.share = None
+    return share
+
+
+def give_back_given_share():
+    """After the request, or where its body is not read whole: a share the
+    application did not take goes back."""
+    share = take_given_share()
+    if share is not None:
+        share.release()
 
 
 class BodyRoom:
     """Where one worker keeps request bodies: its spool directory, how much
-    of a body stays in memory, and its budget for bodies parsed whole."""
+    of a body stays in memory, and its budget for bodies parsed whole (one
+    per process: the worker's poller and the application share it)."""
 
     def __init__(self, config):
         self.directory = os.path.join(config.state_dir, "bodies")

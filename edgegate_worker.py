@@ -71,7 +71,7 @@ from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from edgegate_config import BATCH_FORM_BYTES
 from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
-from edgegate_spool import BodyRoom, SpoolFailed, give_large_buffers_back
+from edgegate_spool import BodyRoom, SpoolFailed, give_back_given_share, give_large_buffers_back, give_share, text_width
 
 # ================================================================ settings
 
@@ -349,6 +349,7 @@ class BufferingConnection(TConn):
         self.requests = 0
         self.continue_sent = False  # the poller answered this request's Expect: 100-continue
         self.over_limit = False  # handed on with a body over MAX_BODY_BYTES, unread
+        self.body_share = None  # the body budget taken for its request before a thread (edgegate_spool.Share)
         self.linger_until = None  # closing: our FIN is sent, the client's awaited until then
         self.drained = 0  # bytes read and dropped while lingering
 
@@ -479,7 +480,9 @@ class ArrivingRequest:
     stay silent for gunicorn's ``keepalive`` seconds), ``head`` (until the
     blank line; deadline CLIENT_HEADER_TIMEOUT_S), ``body`` (until
     Content-Length bytes or the chunked body's end; deadline
-    CLIENT_BODY_TIMEOUT_S from the end of the head).
+    CLIENT_BODY_TIMEOUT_S from the end of the head), ``room`` (all in, a
+    large body waiting for the worker's body budget, out of the poller;
+    deadline BODY_WAIT_S).
     """
 
     def __init__(self, conn, data, phase, deadline):
@@ -496,6 +499,7 @@ class ArrivingRequest:
         self.chunked_pos = 0
         self.spool = None  # body bytes past CLIENT_BODY_BUFFER_BYTES (edgegate_spool.Spool), in a file
         self.spooled = 0  # how many: in ``data`` the body goes on from ``body_start`` after them
+        self.cost = None  # in phase ``room``: the budget it waits for
 
     def body_received(self):
         return self.spooled + len(self.data) - self.body_start
@@ -755,6 +759,8 @@ class Answering:
         spool, arriving.spool = arriving.spool, None
         if spool is not None:
             spool.close()  # a refused or abandoned body: its file goes now
+        if arriving.phase == "room" and arriving in self.parked:
+            self.parked.remove(arriving)
         self.arriving.pop(arriving.conn.sock, None)
         try:
             self.poller.unregister(arriving.conn.sock)
@@ -769,6 +775,7 @@ class Answering:
         super().murder_keepalived(force)
         if not self.buffering:
             return
+        self.hand_on_parked()  # a wake may have been lost (a full pipe): look once a second anyway
         now = time.monotonic()
         for arriving in list(self.arriving.values()):
             if not self.alive:
@@ -778,6 +785,10 @@ class Answering:
                 self.release(arriving.conn)
             elif now < arriving.deadline:
                 continue
+            elif arriving.phase == "room":
+                self.refuse(arriving.conn, arriving, Refusal(
+                    503, "body_memory_busy", "this worker is reading as many large request bodies as "
+                    "BODY_MEMORY_BYTES allows; retry shortly", headers=[("Retry-After", "1")]))
             elif arriving.phase == "waiting" or (arriving.phase == "head" and not arriving.data):
                 # A kept-alive or new connection that never sent a byte: closed
                 # without an answer, as gthread closes an idle one.
@@ -827,7 +838,11 @@ class BufferingWorker(HeadJudging, Answering, ThreadWorker):
         # (gunicorn/http/message.py, Request._parse_python); past it, it answers 431 or 414.
         self.head_sizes = head_sizes(self.cfg)
         self.head_limit = self.head_sizes.header_section + (self.head_sizes.line or MAX_REQUEST_LINE) + 4
-        self.bodies = BodyRoom(self.edgegate)  # where a body past CLIENT_BODY_BUFFER_BYTES is spooled
+        # Where a body past CLIENT_BODY_BUFFER_BYTES is spooled, and the body budget: the application's
+        # own (gunicorn.conf.py, post_fork), so that the poller and the threads count in one budget.
+        self.bodies = getattr(self, "body_room", None) or BodyRoom(self.edgegate)
+        self.bodies.budget.on_free = self.budget_freed
+        self.parked = collections.deque()  # ArrivingRequests in phase "room", first come first
         give_large_buffers_back()  # a large body's buffers are freed to the system, not kept per thread
         super().init_process()
 
@@ -895,8 +910,68 @@ class BufferingWorker(HeadJudging, Answering, ThreadWorker):
         except Refusal as refusal:
             self.refuse(arriving.conn, arriving, refusal)
             return False
-        self.hand_on(arriving)
+        self.hand_on_when_room(arriving)
         return False
+
+    # -- a large body waits for its share of the body budget, without a thread
+
+    def hand_on_when_room(self, arriving):
+        """Hand the request on, with its share of the body budget
+        (BODY_MEMORY_BYTES) when its body is large; if the share is not
+        there, wait for it here, out of the poller, in arrival order: a
+        crowd of large bodies holds no thread while it waits (README,
+        "Large request bodies")."""
+        cost = self.body_cost(arriving)
+        if cost is not None:
+            share = None if self.parked else self.bodies.budget.try_take(cost)
+            if share is None:
+                self.park(arriving, cost)
+                return
+            arriving.conn.body_share = share
+        self.hand_on(arriving)
+
+    def body_cost(self, arriving):
+        """What reading the body whole would take (as the application counts
+        it, edgegate_body.take_share), or None for a body kept in memory (at
+        most CLIENT_BODY_BUFFER_BYTES) or refused unread. A compressed one's
+        decoded size is not known yet: it asks for the whole budget, and the
+        application gives back what it does not need once decoded."""
+        if arriving.spool is None or arriving.conn.over_limit:
+            return None
+        headers = {name: value for name, value in arriving.request.headers}
+        if headers.get("CONTENT-ENCODING", "").strip().lower() not in ("", "identity"):
+            return self.bodies.budget.size
+        if headers.get("CONTENT-TYPE", "").strip().lower().startswith("multipart/"):
+            return 4 * arriving.body_received()
+        return arriving.body_received() * text_width(arriving.data, arriving.spool.width)
+
+    def park(self, arriving, cost):
+        try:
+            self.poller.unregister(arriving.conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        arriving.phase, arriving.cost = "room", cost
+        arriving.deadline = time.monotonic() + self.bodies.wait_s
+        self.parked.append(arriving)
+
+    def hand_on_parked(self):
+        """On the main thread, when part of the budget came back: the
+        waiting bodies, first come first served, as far as it goes."""
+        while self.parked:
+            arriving = self.parked[0]
+            share = self.bodies.budget.try_take(arriving.cost)
+            if share is None:
+                return
+            self.parked.popleft()
+            arriving.conn.body_share = share
+            self.hand_on(arriving)
+
+    def budget_freed(self):
+        """BodyBudget.on_free, from any thread: wake the poller to hand parked bodies on."""
+        try:
+            self.method_queue.defer(self.hand_on_parked)
+        except (OSError, TypeError):  # not running yet (no pipe): the next tick looks
+            pass
 
     # -- from the poller to a thread, and back
 
@@ -922,7 +997,12 @@ class BufferingWorker(HeadJudging, Answering, ThreadWorker):
         if conn.over_limit:
             req.force_close()  # its body is not read, so the connection cannot serve another request
         conn.continue_sent = conn.over_limit = False
-        return super().handle_request(req, conn)
+        give_share(conn.body_share)  # the application takes it (edgegate_spool.take_given_share)
+        conn.body_share = None
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            give_back_given_share()  # not taken (a refusal, a route that reads no body): back now
 
     def finish_request(self, conn, fs):
         """Back on the main thread after a request (ThreadWorker.enqueue_req's

@@ -87,6 +87,7 @@ def post_fork(server, worker):
     errors) go to gunicorn's error log, formatted alike; its access lines go
     to stdout, one per request."""
     worker.edgegate = edgegate
+    worker.body_room = gateway.app.gateway.bodies  # one body budget for the worker's poller and its threads
     gateway_log = logging.getLogger("edgegate")
     gateway_log.handlers = server.log.error_log.handlers
     gateway_log.setLevel(logging.INFO)

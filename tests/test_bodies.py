@@ -20,6 +20,7 @@ import time
 import zlib
 
 import pytest
+import requests
 import zstandard
 
 from conftest import gateway_error, wait_until
@@ -354,3 +355,43 @@ def test_a_large_blob_upload_goes_upstream_from_its_spool_byte_for_byte(start_ga
     [worker] = gateway.worker_pids()
     assert wait_until(lambda: spooled_files(worker, gateway.state_dir) == [], 5)
     gateway.stop()
+
+
+def test_a_large_body_waits_for_the_budget_without_a_thread_and_gets_503_past_its_wait(start_gateway, stub):
+    """Both of the worker's threads are busy (one request holds the GPU,
+    one waits in line for it). A large body takes the whole budget and
+    waits for a thread; the next large body waits for the budget in the
+    worker's poller, not in a thread: it is answered 503 body_memory_busy
+    once BODY_WAIT_S has passed, while the two threads are still busy --
+    and the first body is served once a thread is free."""
+    gateway = start_gateway(WORKERS="1", THREADS="2", SLOT_WAIT_S="30", BODY_MEMORY_BYTES="1000000",
+                            BODY_WAIT_S="1")
+    from test_slot_and_cancel import raw_request
+    holders = [raw_request(gateway, "/api/chat", dict(chat("hi"), stream=True), [("X-Stub", "stall=6")])
+               for _ in range(2)]
+    try:
+        # (asked of the stub, not of the gateway: a question to the gateway would wait for a thread too)
+        assert wait_until(lambda: stub.requests_to("/api/chat"), 5)
+        time.sleep(0.5)  # the second holder is in line, in the second thread
+        large = json.dumps(chat("x" * 600000)).encode()  # spooled, and 600 kB of the 1 MB budget
+        answers = {}
+
+        def send(name):
+            started = time.monotonic()
+            answer = requests.post(gateway.url + "/api/chat", data=large, headers=dict(JSON), timeout=30)
+            answers[name] = (answer, time.monotonic() - started)
+
+        first = threading.Thread(target=send, args=("first",))
+        first.start()
+        time.sleep(0.3)  # the first has its share, and waits for a thread
+        send("second")
+        answer, took = answers["second"]
+        assert answer.status_code == 503 and gateway_error(answer)["code"] == "body_memory_busy", answer.text
+        assert answer.headers["Retry-After"] == "1"
+        assert took < 3.5  # BODY_WAIT_S and the worker's once-a-second look; the threads are busy for 6 s
+        assert "first" not in answers  # still waiting for a thread
+        first.join(30)
+        assert answers["first"][0].status_code == 200
+    finally:
+        for sock in holders:
+            sock.close()
