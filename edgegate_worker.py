@@ -934,13 +934,16 @@ class BufferingWorker(HeadJudging, Answering, ThreadWorker):
         """What reading the body whole would take (as the application counts
         it, edgegate_body.take_share), or None for a body kept in memory (at
         most CLIENT_BODY_BUFFER_BYTES) or refused unread. A compressed one's
-        decoded size is not known yet: it asks for the whole budget, and the
-        application gives back what it does not need once decoded."""
-        if arriving.spool is None or arriving.conn.over_limit:
+        decoded size is not known yet, however small it came: it asks for
+        the whole budget, and the application gives back what it does not
+        need once decoded (all of it, for a body small once decoded)."""
+        if arriving.conn.over_limit:
             return None
         headers = {name: value for name, value in arriving.request.headers}
         if headers.get("CONTENT-ENCODING", "").strip().lower() not in ("", "identity"):
-            return self.bodies.budget.size
+            return self.bodies.budget.size  # a few kB may decode to MAX_BODY_BYTES: no size is small
+        if arriving.spool is None:
+            return None
         if headers.get("CONTENT-TYPE", "").strip().lower().startswith("multipart/"):
             return 4 * arriving.body_received()
         return arriving.body_received() * text_width(arriving.data, arriving.spool.width)

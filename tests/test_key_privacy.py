@@ -49,7 +49,8 @@ def test_metrics_is_for_an_admin_or_a_metrics_key_only(keyed, stub):
 
 def test_a_metrics_key_reads_metrics_and_nothing_else(keyed, stub):
     for method, path in (("POST", "/api/chat"), ("GET", "/api/tags"), ("GET", "/slots"),
-                         ("GET", "/tasks/status?limit=5")):
+                         ("GET", "/tasks/status?limit=5"), ("GET", "/usage"), ("GET", "/ui/state"),
+                         ("GET", "/v1/batches"), ("GET", "/v1/messages/batches"), ("GET", "/v1/files")):
         answer = requests.request(method, keyed.url + path, json=CHAT, headers=as_key(SCRAPER), timeout=5)
         assert answer.status_code == 403 and gateway_error(answer)["code"] == "forbidden", (path, answer.text)
     assert keyed.get("/readyz", headers=as_key(SCRAPER)).status_code == 200
