@@ -804,7 +804,74 @@ class Answering:
                 self.release(conn)
 
 
-class BufferingWorker(HeadJudging, Answering, ThreadWorker):
+class BodyTurns:
+    """How a large body waits for its share of the body budget
+    (BODY_MEMORY_BYTES) in the poller, without a thread (part of
+    ``BufferingWorker``; README, "Large request bodies")."""
+
+    def hand_on_when_room(self, arriving):
+        """Hand the request on, with its share of the body budget
+        (BODY_MEMORY_BYTES) when its body is large; if the share is not
+        there, wait for it here, out of the poller, in arrival order: a
+        crowd of large bodies holds no thread while it waits (README,
+        "Large request bodies")."""
+        cost = self.body_cost(arriving)
+        if cost is not None:
+            share = None if self.parked else self.bodies.budget.try_take(cost)
+            if share is None:
+                self.park(arriving, cost)
+                return
+            arriving.conn.body_share = share
+        self.hand_on(arriving)
+
+    def body_cost(self, arriving):
+        """What reading the body whole would take (as the application counts
+        it, edgegate_body.take_share), or None for a body kept in memory (at
+        most CLIENT_BODY_BUFFER_BYTES) or refused unread. A compressed one's
+        decoded size is not known yet, however small it came: it asks for
+        the whole budget, and the application gives back what it does not
+        need once decoded (all of it, for a body small once decoded)."""
+        if arriving.conn.over_limit:
+            return None
+        headers = {name: value for name, value in arriving.request.headers}
+        if headers.get("CONTENT-ENCODING", "").strip().lower() not in ("", "identity"):
+            return self.bodies.budget.size  # a few kB may decode to MAX_BODY_BYTES: no size is small
+        if arriving.spool is None:
+            return None
+        if headers.get("CONTENT-TYPE", "").strip().lower().startswith("multipart/"):
+            return 4 * arriving.body_received()
+        return arriving.body_received() * text_width(arriving.data, arriving.spool.width)
+
+    def park(self, arriving, cost):
+        try:
+            self.poller.unregister(arriving.conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        arriving.phase, arriving.cost = "room", cost
+        arriving.deadline = time.monotonic() + self.bodies.wait_s
+        self.parked.append(arriving)
+
+    def hand_on_parked(self):
+        """On the main thread, when part of the budget came back: the
+        waiting bodies, first come first served, as far as it goes."""
+        while self.parked:
+            arriving = self.parked[0]
+            share = self.bodies.budget.try_take(arriving.cost)
+            if share is None:
+                return
+            self.parked.popleft()
+            arriving.conn.body_share = share
+            self.hand_on(arriving)
+
+    def budget_freed(self):
+        """BodyBudget.on_free, from any thread: wake the poller to hand parked bodies on."""
+        try:
+            self.method_queue.defer(self.hand_on_parked)
+        except (OSError, TypeError):  # not running yet (no pipe): the next tick looks
+            pass
+
+
+class BufferingWorker(HeadJudging, Answering, BodyTurns, ThreadWorker):
     """gunicorn's gthread worker, reading each request in before a thread runs it.
 
     What it does to a request: the main thread reads what has arrived on
@@ -912,69 +979,6 @@ class BufferingWorker(HeadJudging, Answering, ThreadWorker):
             return False
         self.hand_on_when_room(arriving)
         return False
-
-    # -- a large body waits for its share of the body budget, without a thread
-
-    def hand_on_when_room(self, arriving):
-        """Hand the request on, with its share of the body budget
-        (BODY_MEMORY_BYTES) when its body is large; if the share is not
-        there, wait for it here, out of the poller, in arrival order: a
-        crowd of large bodies holds no thread while it waits (README,
-        "Large request bodies")."""
-        cost = self.body_cost(arriving)
-        if cost is not None:
-            share = None if self.parked else self.bodies.budget.try_take(cost)
-            if share is None:
-                self.park(arriving, cost)
-                return
-            arriving.conn.body_share = share
-        self.hand_on(arriving)
-
-    def body_cost(self, arriving):
-        """What reading the body whole would take (as the application counts
-        it, edgegate_body.take_share), or None for a body kept in memory (at
-        most CLIENT_BODY_BUFFER_BYTES) or refused unread. A compressed one's
-        decoded size is not known yet, however small it came: it asks for
-        the whole budget, and the application gives back what it does not
-        need once decoded (all of it, for a body small once decoded)."""
-        if arriving.conn.over_limit:
-            return None
-        headers = {name: value for name, value in arriving.request.headers}
-        if headers.get("CONTENT-ENCODING", "").strip().lower() not in ("", "identity"):
-            return self.bodies.budget.size  # a few kB may decode to MAX_BODY_BYTES: no size is small
-        if arriving.spool is None:
-            return None
-        if headers.get("CONTENT-TYPE", "").strip().lower().startswith("multipart/"):
-            return 4 * arriving.body_received()
-        return arriving.body_received() * text_width(arriving.data, arriving.spool.width)
-
-    def park(self, arriving, cost):
-        try:
-            self.poller.unregister(arriving.conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        arriving.phase, arriving.cost = "room", cost
-        arriving.deadline = time.monotonic() + self.bodies.wait_s
-        self.parked.append(arriving)
-
-    def hand_on_parked(self):
-        """On the main thread, when part of the budget came back: the
-        waiting bodies, first come first served, as far as it goes."""
-        while self.parked:
-            arriving = self.parked[0]
-            share = self.bodies.budget.try_take(arriving.cost)
-            if share is None:
-                return
-            self.parked.popleft()
-            arriving.conn.body_share = share
-            self.hand_on(arriving)
-
-    def budget_freed(self):
-        """BodyBudget.on_free, from any thread: wake the poller to hand parked bodies on."""
-        try:
-            self.method_queue.defer(self.hand_on_parked)
-        except (OSError, TypeError):  # not running yet (no pipe): the next tick looks
-            pass
 
     # -- from the poller to a thread, and back
 

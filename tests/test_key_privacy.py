@@ -52,7 +52,9 @@ def test_a_metrics_key_reads_metrics_and_nothing_else(keyed, stub):
                          ("GET", "/tasks/status?limit=5"), ("GET", "/usage"), ("GET", "/ui/state"),
                          ("GET", "/v1/batches"), ("GET", "/v1/messages/batches"), ("GET", "/v1/files")):
         answer = requests.request(method, keyed.url + path, json=CHAT, headers=as_key(SCRAPER), timeout=5)
-        assert answer.status_code == 403 and gateway_error(answer)["code"] == "forbidden", (path, answer.text)
+        body = answer.json()
+        code = body["error"]["code"] if body.get("type") == "error" else gateway_error(answer)["code"]  # Anthropic's
+        assert answer.status_code == 403 and code == "forbidden", (path, answer.text)
     assert keyed.get("/readyz", headers=as_key(SCRAPER)).status_code == 200
     assert stub.received == [] or all(r.path == "/api/version" for r in stub.received)
 
