@@ -138,6 +138,12 @@ def send_file(exchange, path):
         raise GatewayError(404, "not_found", "the file is gone")
     size = f.seek(0, 2)
     f.seek(0)
+    if exchange.client_socket is not None:
+        # A client that stops reading must not hold the thread: gunicorn's
+        # sendall of each piece fails after CLIENT_SEND_TIMEOUT_S and the
+        # connection is closed (the worker makes the socket non-blocking
+        # again for a kept-alive connection's next request).
+        exchange.client_socket.settimeout(exchange.gateway.config.client_send_timeout_s)
     exchange.start(200, None, [("Content-Type", "application/jsonl"), ("Content-Length", str(size))])
     exchange.bytes_out = size
     exchange.close()

@@ -827,11 +827,11 @@ class BodyTurns:
     def body_cost(self, arriving):
         """What reading the body whole would take (as the application counts
         it, edgegate_body.take_share), or None for a body kept in memory (at
-        most CLIENT_BODY_BUFFER_BYTES) or refused unread. A compressed one's
+        most CLIENT_BODY_BUFFER_BYTES), empty or refused unread. A compressed one's
         decoded size is not known yet, however small it came: it asks for
         the whole budget, and the application gives back what it does not
         need once decoded (all of it, for a body small once decoded)."""
-        if arriving.conn.over_limit:
+        if arriving.conn.over_limit or arriving.body_received() == 0:
             return None
         headers = {name: value for name, value in arriving.request.headers}
         if headers.get("CONTENT-ENCODING", "").strip().lower() not in ("", "identity"):

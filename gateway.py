@@ -56,7 +56,7 @@ from edgegate_batch import BATCH_ITEM, Batches
 from edgegate_batch_api import batch_route, is_batch_route
 from edgegate_body import read_request
 from edgegate_check import check
-from edgegate_spool import BodyRoom
+from edgegate_spool import BodyRoom, give_back_given_share
 from edgegate_cloud import cloud_forward
 from edgegate_config import KEY_NAME_RE, load_config
 from edgegate_errors import GatewayError, access_line, access_log, error_document, printable, status_line
@@ -746,6 +746,7 @@ class Exchange:
         Returns PEP 3333's ``write``; once a queued stream has started, nothing more."""
         if self.answer_started:
             return self._write
+        give_back_given_share()  # the answer begins: no body is read whole any more (edgegate_spool)
         self.status_code = status_code
         self.gateway.metrics.request_answered(self.path, status_code, self.key)
         if self.task_id:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -507,3 +508,36 @@ def test_an_upload_just_over_the_limit_gets_413_not_a_dropped_connection(start_g
         with pytest.raises(openai.APIStatusError) as refused:
             client_of(gateway).files.create(file=("big.jsonl", line * (size // len(line))), purpose="batch")
         assert refused.value.status_code == 413 and "BATCH_MAX_FILE_BYTES" in refused.value.message
+
+
+def test_a_client_that_stops_reading_a_download_does_not_hold_a_thread_nor_the_body_budget(start_gateway, stub):
+    """A file download by a client that never reads: its thread is freed
+    after CLIENT_SEND_TIMEOUT_S (the worker's one thread answers /healthz
+    again), and a stray Content-Encoding on it holds no body budget
+    meanwhile (a large chat is still served)."""
+    gateway = start_gateway(WORKERS="1", THREADS="2", CLIENT_SEND_TIMEOUT_S="1", BODY_MEMORY_BYTES="2000000",
+                            BODY_WAIT_S="1", SLOT_WAIT_S="30")
+    client = client_of(gateway)
+    line = {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "llama3.2", "messages": [{"role": "user", "content": "y" * 2000}]}}
+    uploaded = client.files.create(file=("big.jsonl", io.BytesIO(jsonl([dict(line, custom_id="c%d" % n)
+                                                                         for n in range(4000)]))), purpose="batch")
+    sleepers = []
+    for _ in range(2):  # both threads
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gateway.port))
+        sock.sendall(("GET /v1/files/%s/content HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n\r\n"
+                      % uploaded.id).encode())
+        sleepers.append(sock)
+    try:
+        time.sleep(0.5)  # both downloads are being written, to clients that read nothing
+        large = dict(line["body"], messages=[{"role": "user", "content": "z" * 300000}], stream=False)
+        started = time.monotonic()
+        answer = requests.post(gateway.url + "/v1/chat/completions", json=large, timeout=15)
+        assert answer.status_code == 200, answer.text  # neither download holds the budget, and a thread came free
+        assert time.monotonic() - started < 4  # CLIENT_SEND_TIMEOUT_S, not as long as the sleepers stay
+        assert requests.get(gateway.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in sleepers:
+            sock.close()
