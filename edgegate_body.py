@@ -404,7 +404,7 @@ def decoded_body(environ, raw, limit, room, setting="MAX_BODY_BYTES"):
     decompressor shared by threads gives wrong answers and can crash the
     process). Returns the body and whether it was decoded."""
     encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
-    if encoding in ("", "identity"):
+    if encoding in ("", "identity") or not raw:  # no body (a GET with a stray header): nothing to decode
         return raw, False
     decoded = None
     try:

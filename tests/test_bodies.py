@@ -395,3 +395,10 @@ def test_a_large_body_waits_for_the_budget_without_a_thread_and_gets_503_past_it
     finally:
         for sock in holders:
             sock.close()
+
+
+def test_a_request_without_a_body_but_with_a_content_encoding_is_served(gateway, stub):
+    """A GET that carries a stray Content-Encoding: there is nothing to decode."""
+    answer = gateway.get("/api/tags", headers={"Content-Encoding": "gzip"})
+    assert answer.status_code == 200, answer.text
+    assert [r.path for r in stub.received] == ["/api/tags"]
