@@ -625,7 +625,7 @@ class GpuChoice:
     that long, rather than load the model a second time elsewhere.
 
     What is loaded where comes from each Ollama's GET /api/ps (looked at by
-    ``edgegate_upstream.Upstreams.look``, which reports here with ``seen``),
+    ``edgegate_upstream.Upstreams.ask_loaded_models``, which reports here with ``seen``),
     and from what this worker just sent (``sent``): a request loads its
     model where it goes, ``keep_alive: 0`` unloads it (server/sched.go).
     No HTTP here.
