@@ -185,9 +185,10 @@ def take_share(room, body, kind, given=None):
     """The budget a body needs to be read whole (None for a small one,
     which stays in memory anyway): its text's size in memory. ``given``:
     the share the worker took before the request had a thread, made exact
-    now; without one (a batch item, another server than gunicorn) the turn
-    is waited for here, and past BODY_WAIT_S it is 503 with Retry-After
-    (README, "Large request bodies")."""
+    now (a compressed body that decodes to more than the worker guessed
+    takes its turn again here, in its thread); without one (a batch item, another server
+    than gunicorn) the turn is waited for here. Past BODY_WAIT_S it is 503
+    with Retry-After (README, "Large request bodies")."""
     if not body.on_disk:
         if given is not None:
             given.release()
@@ -195,9 +196,11 @@ def take_share(room, body, kind, given=None):
     # A form is parsed by the email package, which keeps the whole body as
     # text with escaped bytes (2 bytes a byte) beside the bytes: 4 per byte, counted.
     cost = len(body) * (4 if kind == "multipart" else body.width)
-    if given is not None:
-        given.resize(cost)
-        return given
+    if given is not None:  # the worker's estimate, made exact: a compressed body's size is known now
+        if cost <= given.cost:
+            given.shrink(cost)
+            return given
+        given.release()  # not held while the rest is waited for: two such waits would hold each other up
     share = room.budget.take(cost, room.wait_s)
     if share is None:
         raise GatewayError(503, "body_memory_busy", "this worker is reading as many large request bodies as "

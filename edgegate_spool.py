@@ -122,11 +122,9 @@ class Share:
         if budget is not None:
             budget.give_back(self.cost)
 
-    def resize(self, cost):
-        """Now ``cost`` bytes: the worker's estimate made exact once the
-        body is decoded. Less gives the rest back; more is taken at once
-        (the body is already being read)."""
-        if self.budget is not None:
+    def shrink(self, cost):
+        """Now ``cost`` bytes, no more than it holds: the rest goes back."""
+        if self.budget is not None and cost < self.cost:
             self.budget.give_back(self.cost - cost)
             self.cost = cost
 
@@ -182,7 +180,7 @@ class BodyBudget:
                 self._changed.notify_all()
 
     def give_back(self, cost):
-        """``cost`` bytes back (less than 0: taken, see ``Share.resize``)."""
+        """``cost`` bytes back."""
         with self._changed:
             self.used -= cost
             self._changed.notify_all()

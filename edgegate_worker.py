@@ -75,6 +75,10 @@ from edgegate_spool import BodyRoom, SpoolFailed, give_back_given_share, give_la
 
 # ================================================================ settings
 
+# What a compressed request body is guessed to decode to, times its size,
+# before it is decoded (JSON prompts compress about 3 to 10 times).
+COMPRESSED_GROWTH = 16
+
 ClientLimits = collections.namedtuple(
     "ClientLimits", "header_timeout_s body_timeout_s max_connections_per_client max_body_bytes batch_max_file_bytes")
 
@@ -355,6 +359,9 @@ class BufferingConnection(TConn):
 
     def close(self):
         self.source.load(b"")  # a spooled body not read to its end: its file goes now
+        share, self.body_share = self.body_share, None
+        if share is not None:  # its request never reached the application (a thread pool shut down)
+            share.release()
         super().close()
 
 
@@ -775,7 +782,8 @@ class Answering:
         super().murder_keepalived(force)
         if not self.buffering:
             return
-        self.hand_on_parked()  # a wake may have been lost (a full pipe): look once a second anyway
+        if not force:
+            self.hand_on_parked()  # a wake may have been lost (a full pipe): look once a second anyway
         now = time.monotonic()
         for arriving in list(self.arriving.values()):
             if not self.alive:
@@ -829,13 +837,15 @@ class BodyTurns:
         it, edgegate_body.take_share), or None for a body kept in memory (at
         most CLIENT_BODY_BUFFER_BYTES), empty or refused unread. A compressed one's
         decoded size is not known yet, however small it came: it asks for
-        the whole budget, and the application gives back what it does not
-        need once decoded (all of it, for a body small once decoded)."""
+        COMPRESSED_GROWTH times its size (at most the whole budget); once
+        decoded, the application gives back what it does not need, or
+        waits in its thread for the rest (a body that decodes to more:
+        a bomb, mostly)."""
         if arriving.conn.over_limit or arriving.body_received() == 0:
             return None
         headers = {name: value for name, value in arriving.request.headers}
         if headers.get("CONTENT-ENCODING", "").strip().lower() not in ("", "identity"):
-            return self.bodies.budget.size  # a few kB may decode to MAX_BODY_BYTES: no size is small
+            return min(self.bodies.budget.size, COMPRESSED_GROWTH * arriving.body_received())
         if arriving.spool is None:
             return None
         if headers.get("CONTENT-TYPE", "").strip().lower().startswith("multipart/"):
@@ -867,7 +877,7 @@ class BodyTurns:
         """BodyBudget.on_free, from any thread: wake the poller to hand parked bodies on."""
         try:
             self.method_queue.defer(self.hand_on_parked)
-        except (OSError, TypeError):  # not running yet (no pipe): the next tick looks
+        except AttributeError:  # not running yet (no queue): the next tick looks
             pass
 
 

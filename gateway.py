@@ -105,6 +105,7 @@ class Gateway:
         self.loaded_models = LoadedModels(self.upstreams.all, (config.connect_timeout_s, 1.0))
         self._pid = None
         self._start_lock = threading.Lock()
+        self._threads = {}  # (service, pid) -> a service with a thread of its own (``_once``)
 
     def _start_in_this_process(self):
         """The services of this worker process, on its first request. A
@@ -118,12 +119,23 @@ class Gateway:
             self.board.tidy()  # the first release's Redis keys (README, "Task status")
             self.usage = open_usage(self.config, self.board.store)  # beside the tasks (README, "Usage and quotas")
             self.quotas = Quotas(self.usage)
-            self.models = KnownModels(self.upstreams).start()  # the metrics' model label: what Ollama lists
-            self.watcher = Watcher(self.board, self.config.heartbeat_sec, self.config.client_send_timeout_s)
             self.batches = Batches(self.config, self, metrics)  # README, "Batches"
             metrics.batch_counts = self.batches.counts_by_status
+            # The threads last, each started once in this process: a start that failed and is
+            # tried again on the next request leaves no thread of its own behind.
+            self.watcher = self._once("watcher", lambda: Watcher(self.board, self.config.heartbeat_sec,
+                                                                 self.config.client_send_timeout_s))
+            self.watcher.board = self.board
+            self.models = self._once("models", lambda: KnownModels(self.upstreams).start())  # metrics' model label
             self.metrics, self._pid = metrics, os.getpid()
             self.batches.runner.start()
+
+    def _once(self, name, start):
+        """This process's ``name`` service, started by ``start()`` the first time only."""
+        key = (name, os.getpid())
+        if key not in self._threads:
+            self._threads[key] = start()
+        return self._threads[key]
 
     def start_here(self):
         """Start this worker's services now (gunicorn.conf.py, ``post_worker_init``):
@@ -324,7 +336,7 @@ def take_slot(gateway, exchange):
     shared by every worker (``wait_in_line``), at most SLOT_WAIT_S. A client
     that leaves, or a DELETE, while the request waits ends the wait."""
     holder_record = {"pid": os.getpid(), "task_id": exchange.task_id, "path": exchange.path,
-              "since": round(time.time(), 3), "model": exchange.model}
+                     "since": round(time.time(), 3), "model": exchange.model}
     if isinstance(exchange.model, str) and len(exchange.model) > 200:  # the record is read from its first 4 KiB
         holder_record["model"] = exchange.model[:200] + "..."
     if exchange.key is not None:
