@@ -257,6 +257,9 @@ CREATE TABLE IF NOT EXISTS outcomes (batch TEXT NOT NULL, line INTEGER NOT NULL,
         """This process's one connection (opened anew after a fork), used under ``self._lock``."""
         if self._db is None or self._pid != os.getpid():
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))  # answers: the gateway user's
+            for made in (self.path, self.path + "-wal", self.path + "-shm"):  # also when an earlier release made them
+                if os.path.exists(made):
+                    os.chmod(made, 0o600)
             self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
             use_wal(self._db)  # SQLite gives its -wal and -shm files the database file's mode
             self._db.execute("PRAGMA synchronous=FULL")
@@ -394,14 +397,24 @@ def box_id(state_dir):
         temporary = "%s.%s.new" % (path, uuid.uuid4().hex[:8])
         with private_file(temporary) as f:
             f.write(uuid.uuid4().hex[:16].encode())
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.link(temporary, path)
         except FileExistsError:
             pass
         finally:
             _remove(temporary)
-    with open(path, encoding="ascii") as f:
-        return f.read().strip()
+        _fsync_directory(os.path.dirname(path))
+    with open(path, encoding="ascii", errors="replace") as f:
+        box = f.read().strip()
+    if not BOX_ID_RE.fullmatch(box):
+        raise RuntimeError("%s does not hold a box id (16 hex digits); with the gateway stopped, delete it only if "
+                           "this box has no batches in Redis to keep" % path)
+    return box
+
+
+BOX_ID_RE = re.compile(r"[0-9a-f]{16}")
 
 
 # ================================================================ reading an upload

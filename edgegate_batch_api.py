@@ -136,27 +136,42 @@ def send_file(exchange, path):
         f = open(path, "rb")
     except FileNotFoundError:
         raise GatewayError(404, "not_found", "the file is gone")
-    size = f.seek(0, 2)
-    f.seek(0)
-    if exchange.client_socket is not None:
-        # A client that stops reading must not hold the thread: gunicorn's
-        # sendall of each piece fails after CLIENT_SEND_TIMEOUT_S and the
-        # connection is closed (the worker makes the socket non-blocking
-        # again for a kept-alive connection's next request).
-        exchange.client_socket.settimeout(exchange.gateway.config.client_send_timeout_s)
-    exchange.start(200, None, [("Content-Type", "application/jsonl"), ("Content-Length", str(size))])
+    try:
+        size = f.seek(0, 2)
+        f.seek(0)
+        if exchange.client_socket is not None:
+            # A client that stops reading must not hold the thread: gunicorn's
+            # sendall of each piece fails after CLIENT_SEND_TIMEOUT_S and the
+            # connection is closed (the worker makes the socket non-blocking
+            # again for a kept-alive connection's next request).
+            exchange.client_socket.settimeout(exchange.gateway.config.client_send_timeout_s)
+        exchange.start(200, None, [("Content-Type", "application/jsonl"), ("Content-Length", str(size))])
+    except BaseException:
+        f.close()
+        raise
     exchange.bytes_out = size
     exchange.close()
+    return FilePieces(f)
 
-    def pieces():
-        with f:
-            while True:
-                piece = f.read(256 * 1024)
-                if not piece:
-                    return
-                yield piece
 
-    return pieces()
+class FilePieces:
+    """A file sent a piece at a time; closed at the end, or by gunicorn's
+    ``close()`` of the answer when the client goes away (PEP 3333)."""
+
+    PIECE = 256 * 1024
+
+    def __init__(self, f):
+        self.f = f
+
+    def __iter__(self):
+        while True:
+            piece = self.f.read(self.PIECE)
+            if not piece:
+                return
+            yield piece
+
+    def close(self):
+        self.f.close()
 
 
 # ================================================================ OpenAI: batches
