@@ -364,8 +364,8 @@ def test_a_large_body_waits_for_the_budget_without_a_thread_and_gets_503_past_it
     worker's poller, not in a thread: it is answered 503 body_memory_busy
     once BODY_WAIT_S has passed, while the two threads are still busy --
     and the first body is served once a thread is free."""
-    gateway = start_gateway(WORKERS="1", THREADS="2", SLOT_WAIT_S="30", BODY_MEMORY_BYTES="1000000",
-                            BODY_WAIT_S="1")
+    gateway = start_gateway(WORKERS="1", THREADS="2", SLOT_WAIT_S="30", QUEUE_MAX="8",  # (default here: 1 waiter)
+                            BODY_MEMORY_BYTES="1000000", BODY_WAIT_S="1")
     from test_slot_and_cancel import raw_request
     holders = [raw_request(gateway, "/api/chat", dict(chat("hi"), stream=True), [("X-Stub", "stall=6")])
                for _ in range(2)]
@@ -391,7 +391,7 @@ def test_a_large_body_waits_for_the_budget_without_a_thread_and_gets_503_past_it
         assert took < 3.5  # BODY_WAIT_S and the worker's once-a-second look; the threads are busy for 6 s
         assert "first" not in answers  # still waiting for a thread
         first.join(30)
-        assert answers["first"][0].status_code == 200
+        assert answers["first"][0].status_code == 200, answers["first"][0].text
     finally:
         for sock in holders:
             sock.close()
