@@ -30,7 +30,7 @@ import time
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import Processes, start_edgegate  # noqa: E402  (the benchmark's own process helpers)
+from run import Processes, proc_status_kib, start_edgegate  # noqa: E402  (the benchmark's own process helpers)
 
 CLIENTS = 32
 DEFAULT_LIMIT = 64 * 1024 * 1024
@@ -81,11 +81,10 @@ def worker_pids(process):
 
 
 def vm_hwm_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM for %d" % pid)
+    peak = proc_status_kib(pid, "VmHWM")
+    if peak is None:
+        raise RuntimeError("no VmHWM for %d" % pid)
+    return peak
 
 
 def near_limit_body(limit):

@@ -110,15 +110,21 @@ def cpu_seconds(pids):
     return ticks / CLOCK_TICKS
 
 
-def rss_mb(pid):
+def proc_status_kib(pid, field):
+    """A memory figure of a process from /proc/<pid>/status (``VmRSS``,
+    ``VmHWM``...), in KiB; None when the process or the field is gone."""
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
         pass
-    return 0.0
+    return None
+
+
+def rss_mb(pid):
+    return (proc_status_kib(pid, "VmRSS") or 0) / 1024
 
 
 class Target:

@@ -266,6 +266,16 @@ class GatewayProcess:
         return found["doc"]
 
 
+def proc_status_kib(pid, field):
+    """A memory figure of a process from /proc/<pid>/status (``VmHWM``: its
+    peak resident memory; ``VmRSS``: its resident memory now), in KiB."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError("no %s for %d" % (field, pid))
+
+
 @contextlib.contextmanager
 def gateways(stub_server, process=GatewayProcess):
     """``start(conf, **env)``: a new gateway (a ``process``) in front of

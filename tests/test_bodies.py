@@ -23,7 +23,7 @@ import pytest
 import requests
 import zstandard
 
-from conftest import gateway_error, wait_until
+from conftest import gateway_error, proc_status_kib, wait_until
 from edgegate_errors import GatewayError
 
 MiB = 1024 * 1024
@@ -37,15 +37,6 @@ def compress(encoding, data):
     if encoding == "deflate":
         return zlib.compress(data)  # HTTP's deflate is the zlib format (RFC 9110 8.4.1.2)
     return zstandard.ZstdCompressor().compress(data)
-
-
-def vm_hwm_kib(pid):
-    """The process's peak resident memory (VmHWM), in KiB."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM for %d" % pid)
 
 
 def chat(content, **extra):
@@ -260,7 +251,7 @@ def test_peak_memory_does_not_grow_with_32_clients_sending_large_bodies(four_mb_
     gateway = four_mb_gateway
     [worker] = gateway.worker_pids()
     assert gateway.post("/api/chat", json=chat("warm up")).status_code == 200
-    before = vm_hwm_kib(worker)
+    before = proc_status_kib(worker, "VmHWM")
     bodies = [near_limit_chat(4000000, "%02d" % i) for i in range(32)]
     if how == "gzip":
         bodies = [gzip.compress(body, compresslevel=1) for body in bodies]
@@ -271,7 +262,7 @@ def test_peak_memory_does_not_grow_with_32_clients_sending_large_bodies(four_mb_
         answers = list(pool.map(lambda body: gateway.post("/api/chat", data=body, headers=headers, timeout=120),
                                 bodies))
     assert [a.status_code for a in answers] == [200] * 32, [a.text[:200] for a in answers if a.status_code != 200]
-    grew_mb = (vm_hwm_kib(worker) - before) * 1024 / 1e6
+    grew_mb = (proc_status_kib(worker, "VmHWM") - before) * 1024 / 1e6
     print("%s: the peak grew by %.1f MB" % (how, grew_mb))
     assert grew_mb < 40, "32 bodies of 4 MB raised the worker's peak by %.0f MB" % grew_mb
     assert len(stub.requests_to("/api/chat")) == 33

@@ -34,7 +34,7 @@ import pytest
 import requests
 import zstandard
 
-from conftest import asr_job_holds_the_gpu, gateway_error
+from conftest import asr_job_holds_the_gpu, gateway_error, proc_status_kib
 
 HI = [{"role": "user", "content": "hi"}]
 # Anthropic's error types (docs.anthropic.com, "Errors"); Ollama's NewError uses the same.
@@ -103,14 +103,6 @@ def raw_status(gateway, method, target, body=b"{}", headers=()):
             answer += piece
     assert answer.startswith(b"HTTP/1.1 "), answer
     return int(answer.split(b" ", 2)[1])
-
-
-def vm_rss_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
 
 
 def cors_headers(answer):
@@ -526,12 +518,12 @@ def test_gzip_bomb_is_refused_quickly_without_inflating_it(ten_mib_gateway, stub
     assert len(bomb) < 100 * 1024
     [worker] = ten_mib_gateway.worker_pids()
     ten_mib_gateway.get("/healthz")
-    before = vm_rss_kib(worker)
+    before = proc_status_kib(worker, "VmRSS")
     started = time.monotonic()
     answer = ten_mib_gateway.post("/api/chat", data=bomb, headers={"Content-Type": "application/json",
                                                                    "Content-Encoding": "gzip"})
     took = time.monotonic() - started
-    after = vm_rss_kib(worker)
+    after = proc_status_kib(worker, "VmRSS")
     assert answer.status_code == 413, answer.text
     assert gateway_error(answer)["code"] == "body_too_large"
     assert took < 2, took
