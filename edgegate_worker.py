@@ -812,6 +812,12 @@ class Answering:
                 self.release(conn)
 
 
+def header_of(request, name):
+    """The value of the first ``name`` header of gunicorn's ``request`` (names
+    upper case, as its parser keeps them), stripped; "" when there is none."""
+    return next((value.strip() for field, value in request.headers if field == name), "")
+
+
 class BodyTurns:
     """How a large body waits for its share of the body budget
     (BODY_MEMORY_BYTES) in the poller, without a thread (part of
@@ -843,12 +849,11 @@ class BodyTurns:
         a bomb, mostly)."""
         if arriving.conn.over_limit or arriving.body_received() == 0:
             return None
-        headers = {name: value for name, value in arriving.request.headers}
-        if headers.get("CONTENT-ENCODING", "").strip().lower() not in ("", "identity"):
+        if header_of(arriving.request, "CONTENT-ENCODING").lower() not in ("", "identity"):
             return min(self.bodies.budget.size, COMPRESSED_GROWTH * arriving.body_received())
-        if arriving.spool is None:
+        if arriving.spool is None:  # small: most requests end here, having read one header
             return None
-        if headers.get("CONTENT-TYPE", "").strip().lower().startswith("multipart/"):
+        if header_of(arriving.request, "CONTENT-TYPE").lower().startswith("multipart/"):
             return 4 * arriving.body_received()
         return arriving.body_received() * text_width(arriving.data, arriving.spool.width)
 
